@@ -1,0 +1,26 @@
+"""LlamaGen VQ-16 baseline: one 16384 x 8 codebook, no adapters (spec fqgan.md §9).
+
+The factorized tokenizer with k = 1 and no adapter is exactly this model.
+
+Full ImageNet recipe (LlamaGen: lr 1e-4, global batch 128, 40 epochs, no entropy loss):
+  python -m fqgan_jax.main --config=configs/vqgan.py --workdir=/path/to/workdir
+8x downsampling (VQ-8):
+  python -m fqgan_jax.main --config=configs/vqgan.py:ds8 --workdir=/path/to/workdir
+CPU smoke run on the photos bundled with scikit-image:
+  python -m fqgan_jax.main --config=configs/vqgan.py:smoke --workdir=/tmp/vqgan_smoke
+"""
+
+from fqgan_jax import config_lib
+
+
+def get_config(arg=None):
+    preset = config_lib.preset(arg, ("", "ds8", "smoke"))
+    config = config_lib.base_config()
+    config.model.branches = ("vq",)
+    config.model.adapter_layers = 0
+    config.loss.entropy_weight = 0.0
+    config.loss.disentangle_weight = 0.0  # one codebook: nothing to disentangle
+    config.optimizer.learning_rate = 1e-4
+    config.train.batch_size = 128
+    config.train.num_steps = 400_000  # 40 epochs of 1,281,167 images at 128
+    return config_lib.apply_preset(config, preset)

@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state, the grain iterator and small JSON metadata.
+
+One step directory holds three items: `state` (the TrainState pytree), `data` (the grain
+iterator's position, one file per process) and `meta` (counters and the config). Saves are
+asynchronous; orbax writes to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact. Restores always pass an abstract target
+with shardings, so a checkpoint loads onto whatever mesh the run has (spec jax_stack.md §2.4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored into this run."""
+
+
+def with_shardings(abstract_tree, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+class Checkpointer:
+    """A thin wrapper over `ocp.CheckpointManager`, so the V1 migration stays in this file."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, meta: dict) -> None:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, target, data_iterator=None):
+        """Restores into `target` (ShapeDtypeStructs with shardings); returns (state, meta)."""
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+            raise CheckpointError(
+                f"Checkpoint {self.directory}/{step} does not match this run's config: {error}. "
+                "Resume with the config the run was trained with (saved as config.json in the "
+                "workdir), or start from a fresh --workdir.") from error
+        logging.info("Restored checkpoint %s/%d", self.directory, step)
+        return restored.state, restored.meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def check_config_matches(workdir: str, config) -> None:
+    """Refuses to resume a workdir whose saved model/loss config differs from this one."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(config.to_json())
+    diffs = [f"config.model.{key}: saved {saved['model'].get(key)!r}, now {value!r}"
+             for key, value in current["model"].items()
+             if key != "dtype" and saved.get("model", {}).get(key) != value]
+    if diffs:
+        raise CheckpointError(
+            f"--workdir={workdir} holds a run with a different model:\n  " + "\n  ".join(diffs)
+            + "\nUse a fresh --workdir, or pass the original config (see its config.json).")
+
+
+def restore_latest_state(workdir: str, config, mesh, step: int | None = None):
+    """The TrainState at `step` (default: latest) in `workdir`, without the data iterator."""
+    from fqgan_jax import sharding, train_state  # noqa: PLC0415 (train_state imports models)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(
+                f"No checkpoint in {workdir}/checkpoints. Train first (--mode=train) or pass "
+                "the workdir of a finished run.")
+        abstract = train_state.abstract_state(config, train_state.make_optimizer(config))
+        target = with_shardings(abstract, sharding.state_shardings(abstract, mesh))
+        state, _ = checkpointer.restore(step, target)
+    finally:
+        checkpointer.close()
+    return state

@@ -1,0 +1,294 @@
+"""The config schema, and the checks that run before anything compiles.
+
+Every key a trainer reads is declared here, with its default and meaning, so that no key is
+discovered by reading the trainer (STYLE.md: "configs are data"). Files in `configs/` start from
+`base_config()` and change a few fields. Values that derive from other keys (k, the latent grid,
+the per-device batch) are computed in code so that command-line overrides flow through.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config, preset or command-line override that cannot work."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full schema. Defaults are the official FQGAN recipe (spec fqgan.md §4.3)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Tokenizer architecture (spec fqgan.md §1). k = len(branches).
+    config.model = ml_collections.ConfigDict(dict(
+        branches=("vis", "sem"),  # sub-codebook names, in decoder concatenation order
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4),  # ds16; (1, 2, 2, 4) is ds8
+        num_res_blocks=2,  # per encoder level; the decoder uses one more
+        z_channels=256,
+        dropout=0.0,
+        adapter_layers=6,  # FactorizedAdapter depth per branch; 0 = none (LlamaGen)
+        adapter_heads=8,
+        adapter_mlp_ratio=4.0,
+        codebook_size=16384,
+        code_dim=8,
+        l2_normalize=True,
+        entropy_temperature=0.01,
+        search_memory_mb=256,  # nearest-neighbour search never builds a bigger N x K block
+        dtype="bfloat16",  # compute dtype; params and the quantizer stay float32
+    ))
+
+    # Generator objective (spec fqgan.md §4.1). GAN, LPIPS and teacher terms come later.
+    config.loss = ml_collections.ConfigDict(dict(
+        reconstruction="l2",  # "l2" (official) or "l1"
+        reconstruction_weight=1.0,
+        codebook_weight=1.0,
+        commitment_beta=0.25,
+        entropy_weight=0.03,
+        disentangle_weight=0.1,  # λ of spec §2; averaged over sub-codebook pairs
+    ))
+
+    # Adam(0.9, 0.95), lr 2e-4, clip 1.0, constant (spec fqgan.md §4.3).
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=2e-4,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.0,  # official parses 0.05 but never passes it to Adam
+        grad_clip_norm=1.0,
+        schedule="constant",  # "constant" | "warmup_cosine"
+        warmup_steps=0,
+        min_lr_ratio=0.0,  # cosine floor, as a fraction of learning_rate
+        ema_decay=0.0,  # 0 disables the EMA copy of the params
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=256,  # global, across all devices and hosts
+        num_steps=200_000,  # 40 epochs of ImageNet at 256 (spec §4.3)
+        log_every=100,
+        checkpoint_every=5000,
+        keep_checkpoints=3,
+        eval_every=10_000,
+        image_every=5000,  # reconstruction grids (TensorBoard + PNG)
+        max_nonfinite_steps=20,  # consecutive skipped updates before the run stops
+        usage_window_steps=100,  # running usage: codes assigned within this many steps
+    ))
+
+    config.data = ml_collections.ConfigDict(dict(
+        source="tfds",  # "tfds" | "folder" | "photos"
+        tfds_name="imagenet2012",
+        tfds_data_dir="",  # "" = TFDS default
+        train_split="train",
+        eval_split="validation",
+        train_dir="",  # for source="folder": nested class folders of jpg/png/webp
+        eval_dir="",
+        image_size=256,
+        augment="adm",  # "adm": official random_crop_arr; "crop": random resized crop
+        crop_scale=(0.8, 1.0),
+        random_flip=True,
+        num_workers=8,  # grain worker processes; 0 = in-process
+        read_threads=8,
+        prefetch_buffer=64,
+    ))
+
+    config.eval = ml_collections.ConfigDict(dict(
+        batch_size=64,  # global
+        num_images=0,  # 0 = the whole eval split
+        grid_images=8,
+        ssim_data_range=1.0,  # the official code used 2.0 on [0, 1] images (spec §5.1)
+        legacy_uint8_offset=False,  # True: official clamp(127.5 x + 128) conversion
+    ))
+
+    # Device mesh; -1 takes the remaining devices.
+    config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",)))
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading config files and checking overrides.
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:arg]` the way `config_flags` does, with clear errors."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"Config file {path!r} does not exist. Pass --config=configs/dual.py "
+            "(or vqgan.py, triple.py), optionally with a preset: configs/dual.py:smoke.")
+    module_spec = importlib.util.spec_from_file_location("_fqgan_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """Rebuilds a config saved as JSON (a run's config.json) on top of the current schema."""
+    config = base_config()
+    for key in flat_keys(config):
+        section, _, name = key.rpartition(".")
+        value = saved
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                break
+            value = value[part]
+        else:
+            target = _get(config, section) if section else config
+            target[name] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def single_device_mesh() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(shape=(1,), axes=("data",)))
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += flat_keys(value, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    """Names the bad key and the close matches, including ones in another section."""
+    leaf_matches = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    matches = leaf_matches + difflib.get_close_matches(key, known, n=5, cutoff=0.6)
+    matches = list(dict.fromkeys(matches))[:5]
+    hint = f" Did you mean: {', '.join('config.' + m for m in matches)}?" if matches else ""
+    return f"Unknown config key 'config.{key}'.{hint} See fqgan_jax/config_lib.py for all keys."
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Fails fast, with close matches, on `--config.<key>` overrides that the config lacks."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return
+    known = flat_keys(load_config_file(spec))
+    for arg in argv:
+        match = re.match(r"--config\.([\w.]+)(=|$)", arg)
+        if match and match.group(1) not in known:
+            raise ConfigError(unknown_key_message(match.group(1), known))
+
+
+def preset(arg: str | None, presets: tuple[str, ...]) -> str:
+    """Validates a `get_config(arg)` preset name."""
+    name = arg or ""
+    if name not in presets:
+        raise ConfigError(
+            f"Unknown preset {name!r}. Valid presets: {', '.join(repr(p) for p in presets)}.")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantic checks: everything a run needs that can be known before compiling.
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "loss.reconstruction": ("l2", "l1"),
+    "optimizer.schedule": ("constant", "warmup_cosine"),
+    "data.source": ("tfds", "folder", "photos"),
+    "data.augment": ("adm", "crop"),
+}
+
+
+def _get(config, key):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError naming the key and the fix for the first problem found."""
+    problems = []
+    for key, choices in _CHOICES.items():
+        if _get(config, key) not in choices:
+            problems.append(f"config.{key}={_get(config, key)!r} must be one of {choices}.")
+    problems += _model_problems(config.model, config.data.image_size)
+    problems += _batch_problems(config, num_devices)
+    low, high = config.data.crop_scale
+    if not 0 < low <= high <= 1:
+        problems.append(f"config.data.crop_scale={config.data.crop_scale} must satisfy "
+                        "0 < min <= max <= 1.")
+    for key in ("train.num_steps", "train.log_every", "train.checkpoint_every",
+                "train.eval_every", "train.image_every", "train.max_nonfinite_steps",
+                "train.usage_window_steps", "train.keep_checkpoints"):
+        if _get(config, key) <= 0:
+            problems.append(f"config.{key} must be positive, got {_get(config, key)}.")
+    for key, value in config.loss.items():
+        if isinstance(value, float) and value < 0:
+            problems.append(f"config.loss.{key} must be >= 0, got {value}.")
+    if not 0 <= config.optimizer.ema_decay < 1:
+        problems.append("config.optimizer.ema_decay must be in [0, 1).")
+    if problems:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _model_problems(model, image_size):
+    problems = []
+    branches = tuple(model.branches)
+    if not branches or len(set(branches)) != len(branches):
+        problems.append(f"config.model.branches={branches} must be non-empty and unique.")
+    if not all(re.fullmatch(r"[a-z_][a-z0-9_]*", b) for b in branches):
+        problems.append("config.model.branches must be lower-case identifiers.")
+    factor = 2 ** (len(model.ch_mult) - 1)
+    if image_size % factor:
+        problems.append(f"config.data.image_size={image_size} is not divisible by the "
+                        f"downsampling factor {factor} of ch_mult={tuple(model.ch_mult)}.")
+    widths = [model.ch * m for m in model.ch_mult] + [model.z_channels]
+    if any(w % 32 for w in widths):
+        problems.append(f"GroupNorm(32) needs channel counts divisible by 32; model.ch="
+                        f"{model.ch}, ch_mult={tuple(model.ch_mult)} and z_channels="
+                        f"{model.z_channels} give {widths}.")
+    if model.adapter_layers and (model.ch * model.ch_mult[-1]) % model.adapter_heads:
+        problems.append(f"Adapter width {model.ch * model.ch_mult[-1]} is not divisible by "
+                        f"config.model.adapter_heads={model.adapter_heads}.")
+    if model.codebook_size < 2 or model.code_dim < 1:
+        problems.append("config.model.codebook_size must be >= 2 and code_dim >= 1.")
+    return problems
+
+
+def _batch_problems(config, num_devices):
+    problems = []
+    for key in ("train.batch_size", "eval.batch_size"):
+        size = _get(config, key)
+        if size <= 0 or size % num_devices:
+            problems.append(f"config.{key}={size} must be a positive multiple of the "
+                            f"{num_devices} devices the batch is sharded over.")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets shared by every config file.
+
+
+def apply_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """'' = full ImageNet recipe; 'ds8' = 8x downsampling; 'smoke' = minutes on a 2-core CPU."""
+    if name == "ds8":
+        config.model.ch_mult = (1, 2, 2, 4)
+    elif name == "smoke":
+        _shrink_for_cpu(config)
+    return config
+
+
+def _shrink_for_cpu(config: ml_collections.ConfigDict) -> None:
+    """A tiny model on the scikit-image photos: same code paths, CPU-sized numbers."""
+    config.model.update(dict(
+        ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=64,
+        adapter_layers=min(config.model.adapter_layers, 1), adapter_heads=4,
+        codebook_size=1024, dtype="float32"))
+    config.optimizer.learning_rate = 1e-3
+    config.train.update(dict(
+        batch_size=16, num_steps=300, log_every=25, checkpoint_every=100,
+        eval_every=100, image_every=100, usage_window_steps=20))
+    config.data.update(dict(
+        source="photos", image_size=64, augment="crop", crop_scale=(0.15, 0.6),
+        num_workers=2, read_threads=2, prefetch_buffer=8))
+    config.eval.update(dict(batch_size=16, grid_images=8))

@@ -1,0 +1,80 @@
+"""`load_tokenizer`: a trained tokenizer as two functions, for notebooks and scripts.
+
+    tok = fqgan_jax.load_tokenizer("/path/to/workdir")
+    codes = tok.encode(images)   # uint8 [B, H, W, 3] -> int32 [B, h, w, k]
+    images = tok.decode(codes)   # int [B, h, w, k] -> uint8 [B, H, W, 3]
+
+The path may be a workdir, its `checkpoints/` folder, or one step folder inside it. EMA params
+are used when the run kept them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fqgan_jax import checkpointing, config_lib, image_metrics, sharding, train_state
+from fqgan_jax.train_step import images_to_float
+
+
+def _locate(path: str) -> tuple[str, int | None]:
+    """Returns (workdir, step or None for the latest)."""
+    path = os.path.abspath(path)
+    for candidate, step in ((path, None), (os.path.dirname(path), None),
+                            (os.path.dirname(os.path.dirname(path)), os.path.basename(path))):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate, int(step) if step is not None and step.isdigit() else None
+    raise checkpointing.CheckpointError(
+        f"{path} is not a fqgan_jax workdir: no config.json found there or in its parents. Pass "
+        "the --workdir of a training run, its checkpoints/ folder, or a step folder inside it.")
+
+
+class Tokenizer:
+    """Jitted encode/decode around restored params, on the default device."""
+
+    def __init__(self, config, params, model_state):
+        self.config = config
+        self.num_codebooks = len(config.model.branches)
+        self.codebook_size = config.model.codebook_size
+        self.downsample = 2 ** (len(config.model.ch_mult) - 1)
+        graphdef = train_state.model_graphdef(config)
+        merge = train_state.merge_model
+        self._encode = jax.jit(lambda p, s, x: merge(graphdef, p, s).encode(
+            images_to_float(x)).indices)
+        self._decode = jax.jit(lambda p, s, c: image_metrics.to_uint8(
+            merge(graphdef, p, s).decode_indices(c)))
+        self._variables = (params, model_state)
+
+    def encode(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"encode expects uint8 images [B, H, W, 3], got {images.dtype} "
+                             f"{images.shape}. Convert with np.asarray(img, np.uint8).")
+        if images.shape[1] % self.downsample or images.shape[2] % self.downsample:
+            raise ValueError(f"Image size {images.shape[1:3]} must be a multiple of the "
+                             f"tokenizer's downsampling factor {self.downsample}.")
+        return np.asarray(self._encode(*self._variables, jnp.asarray(images)))
+
+    def decode(self, codes) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.ndim != 4 or codes.shape[-1] != self.num_codebooks:
+            raise ValueError(f"decode expects int codes [B, h, w, {self.num_codebooks}], got "
+                             f"shape {codes.shape}.")
+        if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or \
+                codes.max() >= self.codebook_size:
+            raise ValueError(f"decode expects integer codes in [0, {self.codebook_size}).")
+        return np.asarray(self._decode(*self._variables, jnp.asarray(codes, jnp.int32)))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    workdir, step = _locate(path)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = config_lib.config_from_dict(json.load(f))
+    mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
+    state = checkpointing.restore_latest_state(workdir, config, mesh, step=step)
+    params = state.ema_params if state.ema_params is not None else state.params
+    return Tokenizer(config, params, state.model_state)

@@ -1,0 +1,58 @@
+r"""Entry point: `python -m fqgan_jax.main --config=configs/dual.py --workdir=DIR`.
+
+  --mode=train   trains (resuming from DIR if it holds a checkpoint), evaluating along the way
+  --mode=eval    evaluates the latest checkpoint in DIR on the eval split
+  --config.x=y   overrides any config key (see fqgan_jax/config_lib.py)
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evals.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+    """Checks `--config.*` keys first, so a typo fails with close matches, not a traceback."""
+    from fqgan_jax import config_lib  # noqa: PLC0415 (keeps `--help` fast)
+    try:
+        config_lib.check_overrides(argv)
+    except config_lib.ConfigError as error:
+        sys.exit(f"error: {error}")
+    return flags.FLAGS(argv)
+
+
+def main(argv):
+    del argv
+    # TensorFlow (imported by clu's writers and tfds) must never take the accelerators.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax  # noqa: PLC0415
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    import tensorflow as tf  # noqa: PLC0415
+    tf.config.set_visible_devices([], "GPU")
+    from fqgan_jax import checkpointing, config_lib, data, evaluate, train  # noqa: PLC0415
+    logging.info("JAX process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
+                 jax.device_count(), jax.devices())
+    user_errors = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointError,
+                   train.NonFiniteError)
+    try:
+        if _MODE.value == "train":
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        else:
+            evaluate.evaluate_workdir(_CONFIG.value, _WORKDIR.value)
+    except user_errors as error:
+        logging.error("%s", error)
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,176 @@
+"""The training loop: setup, restore-or-init, and the loop with its periodic side effects.
+
+All side effects (I/O, logging, checkpoints, evals) live here; the step itself is pure
+(`train_step.py`). Restore priority: the latest checkpoint in `workdir/checkpoints`, else a fresh
+state from `config.seed`. A resumed run continues the same data order, RNG and counters, so its
+results equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from fqgan_jax import checkpointing, config_lib, data, evaluate, image_grid, sharding
+from fqgan_jax.train_state import (abstract_state, create_train_state, make_optimizer,
+                                   model_graphdef)
+from fqgan_jax.train_step import compile_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built once per run; the loop reads it, never mutates it."""
+    config: object
+    workdir: str
+    mesh: object
+    graphdef: object
+    tx: object
+    state_shardings: object
+    checkpointer: checkpointing.Checkpointer
+    writer: object
+
+
+def setup(config, workdir: str) -> Run:
+    """Validates config, data and workdir before anything is compiled."""
+    config_lib.check_config(config, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh)
+    for split in ("train", "eval"):
+        data.make_source(config.data, split)  # raises DataError on missing data, early
+    logging.info("data: %s", data.describe(config.data))
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.check_config_matches(workdir, config)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    tx = make_optimizer(config)
+    abstract = abstract_state(config, tx)
+    return Run(config=config, workdir=workdir, mesh=mesh, graphdef=model_graphdef(config), tx=tx,
+               state_shardings=sharding.state_shardings(abstract, mesh),
+               checkpointer=checkpointing.Checkpointer(
+                   os.path.join(workdir, "checkpoints"),
+                   max_to_keep=config.train.keep_checkpoints),
+               writer=metric_writers.create_default_writer(
+                   workdir, just_logging=jax.process_index() > 0, asynchronous=True))
+
+
+def restore_or_init(run: Run, data_iterator):
+    """Returns (state, meta) from the latest checkpoint, or a fresh state."""
+    step = run.checkpointer.latest_step()
+    if step is None:
+        state = create_train_state(run.config, run.tx, run.state_shardings)
+        return state, {"num_skipped_images": 0, "num_converted_images": 0}
+    target = checkpointing.with_shardings(abstract_state(run.config, run.tx), run.state_shardings)
+    return run.checkpointer.restore(step, target, data_iterator)
+
+
+def train_iterator(config):
+    return data.make_train_iterator(
+        config.data, batch_size=config.train.batch_size // jax.process_count(),
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains to `config.train.num_steps`, evaluating along the way; returns the last eval."""
+    run = setup(config, workdir)
+    iterator = train_iterator(config)
+    state, meta = restore_or_init(run, iterator)
+    parameter_overview.log_parameter_overview(state.params.to_pure_dict())
+    step_fn = compile_train_step(config, run.graphdef, run.tx, run.state_shardings,
+                                 sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
+    eval_fn = evaluate.compile_eval_step(config, run.graphdef, run.mesh)
+    try:
+        return _loop(run, state, meta, iterator, step_fn, eval_fn)
+    finally:
+        run.checkpointer.close()
+        run.writer.close()
+        if hasattr(iterator, "close"):
+            iterator.close()
+
+
+def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
+    config, workdir = run.config, run.workdir
+    step = int(jax.device_get(state.step))
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
+                                             writer=run.writer, every_steps=config.train.log_every)]
+    last_eval = _maybe_eval(run, state, eval_fn, step, force=step == 0)
+    pending_streak = None
+    while step < config.train.num_steps:
+        batch = next(iterator)
+        meta["num_skipped_images"] += int(batch["num_skipped"])
+        meta["num_converted_images"] += int(batch["num_converted"])
+        inputs = sharding.to_global_batch({"image": batch["image"]},
+                                          sharding.batch_sharding(run.mesh))
+        state, metrics = step_fn(state, inputs)
+        step += 1
+        if pending_streak is not None:  # read one step late so the device queue stays full
+            _check_finite(int(pending_streak), config)
+        pending_streak = state.nonfinite_streak
+        for hook in hooks:
+            hook(step)
+        if step % config.train.log_every == 0 or step == config.train.num_steps:
+            _log_metrics(run, step, metrics, state, meta)
+        if step % config.train.image_every == 0:
+            _write_train_grid(run, state, eval_fn, step)
+        if step % config.train.eval_every == 0 or step == config.train.num_steps:
+            last_eval = _maybe_eval(run, state, eval_fn, step, force=True)
+        if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+            _check_finite(int(state.nonfinite_streak), config)
+            run.checkpointer.save(step, state, iterator, meta)
+    run.checkpointer.wait()
+    return last_eval
+
+
+def _check_finite(streak: int, config) -> None:
+    if streak >= config.train.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"{streak} consecutive steps had a non-finite loss, gradient or update and were "
+            "skipped; stopping. The last checkpoint (before these steps) is intact. Lower "
+            "config.optimizer.learning_rate, add warmup, or use model.dtype='float32'.")
+
+
+def _log_metrics(run: Run, step: int, metrics, state, meta) -> None:
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    scalars["nonfinite_total"] = int(state.nonfinite_total)
+    scalars["data/skipped_images"] = meta["num_skipped_images"]
+    scalars["data/converted_images"] = meta["num_converted_images"]
+    run.writer.write_scalars(step, scalars)
+
+
+def _maybe_eval(run: Run, state, eval_fn, step: int, *, force: bool):
+    path = os.path.join(run.workdir, "eval", f"{step}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if not force:
+        return None
+    params = state.ema_params if state.ema_params is not None else state.params
+    return evaluate.evaluate(run.config, params, state.model_state, eval_fn=eval_fn,
+                             mesh=run.mesh, step=step, workdir=run.workdir, writer=run.writer)
+
+
+def _write_train_grid(run: Run, state, eval_fn, step: int) -> None:
+    """Reconstructions of a fixed held-out batch, for watching progress."""
+    config = run.config
+    per_process = config.eval.batch_size // jax.process_count()
+    batch = next(iter(data.make_eval_batches(
+        config.data, batch_size=per_process, num_images=config.eval.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())))
+    inputs = sharding.to_global_batch({"image": batch["image"], "mask": batch["mask"]},
+                                      sharding.batch_sharding(run.mesh))
+    recon = np.asarray(jax.device_get(eval_fn(state.params, state.model_state, inputs)["recon"]))
+    images = np.asarray(jax.device_get(inputs["image"]))
+    count = config.eval.grid_images
+    grid = image_grid.make_grid([images[:count], recon[:count]])
+    if jax.process_index() == 0:
+        image_grid.save_png(grid, os.path.join(run.workdir, "images", f"{step}.png"))
+        run.writer.write_images(step, {"train/reconstructions": grid[None]})

@@ -1,0 +1,104 @@
+"""The train state pytree, the optimizer, and sharded state creation.
+
+The model is split at the jit boundary into a static `graphdef` and pytrees of variables (spec
+jax_stack.md §2.1), so every step is a pure function of `TrainState`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from fqgan_jax.models import Tokenizer
+
+# Codes never assigned carry this "last seen" step, far outside any usage window.
+NEVER_SEEN = -(2**30)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates attempted
+    params: nnx.State  # trainable parameters, always float32
+    model_state: nnx.State  # non-trainable model variables (empty for the tokenizer)
+    opt_state: Any
+    rng: jax.Array  # typed PRNG key; each step folds in its step number
+    ema_params: nnx.State | None  # None when config.optimizer.ema_decay == 0
+    code_last_seen: jax.Array  # int32 [k, K]: step at which each code was last assigned
+    nonfinite_streak: jax.Array  # int32: consecutive skipped updates
+    nonfinite_total: jax.Array  # int32: all skipped updates
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    if opt.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps),
+             optax.constant_schedule(opt.learning_rate)], [opt.warmup_steps])
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+        decay_steps=max(num_steps, opt.warmup_steps + 1),
+        end_value=opt.learning_rate * opt.min_lr_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam(0.9, 0.95) with global-norm clipping (spec fqgan.md §4.3)."""
+    opt = config.optimizer
+    schedule = learning_rate_schedule(opt, config.train.num_steps)
+    if opt.weight_decay > 0:
+        adam = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           weight_decay=opt.weight_decay)
+    else:
+        adam = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adam)
+
+
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Tokenizer:
+    return Tokenizer.from_config(config.model, image_size=config.data.image_size, rngs=rngs)
+
+
+def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+    """The static half of the model, built without allocating any parameter."""
+    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
+    return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def initial_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                  rng: jax.Array) -> TrainState:
+    """A fresh state; meant to run under jit with out_shardings, so it is built sharded."""
+    init_rng, state_rng = jax.random.split(rng)
+    model = create_model(config, nnx.Rngs(params=init_rng))
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    num_codebooks = len(config.model.branches)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        rng=state_rng,
+        ema_params=params if config.optimizer.ema_decay > 0 else None,
+        code_last_seen=jnp.full((num_codebooks, config.model.codebook_size), NEVER_SEEN,
+                                jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+        nonfinite_total=jnp.zeros((), jnp.int32),
+    )
+
+
+def abstract_state(config, tx) -> TrainState:
+    """Shapes and dtypes of the state, without computing it."""
+    return jax.eval_shape(lambda: initial_state(config, tx, jax.random.key(0)))
+
+
+def create_train_state(config, tx, shardings) -> TrainState:
+    """Initializes the state directly with its target shardings (no full copy on device 0)."""
+    init = jax.jit(lambda: initial_state(config, tx, jax.random.key(config.seed)),
+                   out_shardings=shardings)
+    return init()
+
+
+def merge_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State) -> Tokenizer:
+    return nnx.merge(graphdef, params, model_state)

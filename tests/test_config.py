@@ -1,0 +1,101 @@
+"""Config files, presets, semantic checks and command-line errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fqgan_jax import config_lib
+
+from conftest import REPO
+
+CONFIGS = ("vqgan", "dual", "triple")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("preset", ["", "ds8", "smoke"])
+def test_every_config_and_preset_passes_checks(name, preset):
+    config = config_lib.load_config_file(os.path.join(REPO, f"configs/{name}.py:{preset}"))
+    config_lib.check_config(config, num_devices=8)
+    assert config_lib.flat_keys(config) == config_lib.flat_keys(config_lib.base_config())
+
+
+def test_configs_set_their_codebook_layout():
+    load = lambda s: config_lib.load_config_file(os.path.join(REPO, s))  # noqa: E731
+    assert load("configs/vqgan.py").model.branches == ("vq",)
+    assert load("configs/vqgan.py").model.adapter_layers == 0
+    assert load("configs/dual.py").model.branches == ("vis", "sem")
+    assert load("configs/triple.py").model.branches == ("vis", "sem_mid", "sem_high")
+    assert load("configs/dual.py:ds8").model.ch_mult == (1, 2, 2, 4)
+    assert load("configs/dual.py:smoke").data.source == "photos"
+
+
+def test_unknown_preset_names_valid_ones():
+    with pytest.raises(config_lib.ConfigError, match="Valid presets: '', 'ds8', 'smoke'"):
+        config_lib.load_config_file(os.path.join(REPO, "configs/dual.py:smok"))
+
+
+def test_missing_config_file():
+    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+        config_lib.load_config_file("configs/nope.py")
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("--config.model.codebok_size=3", "config.model.codebook_size"),
+    ("--config.codebook_size=3", "config.model.codebook_size"),  # right key, wrong section
+    ("--config.train.batchsize=4", "config.train.batch_size"),
+])
+def test_unknown_override_suggests_close_matches(override, suggestion):
+    argv = ["main", f"--config={REPO}/configs/dual.py:smoke", override]
+    with pytest.raises(config_lib.ConfigError, match="Did you mean") as error:
+        config_lib.check_overrides(argv)
+    assert suggestion in str(error.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.batch_size", 12, "multiple of the 8 devices"),
+    ("data.image_size", 66, "not divisible by the downsampling factor"),
+    ("model.dtype", "float16", "must be one of"),
+    ("model.branches", ("vis", "vis"), "non-empty and unique"),
+    ("model.ch", 48, "GroupNorm"),
+    ("data.crop_scale", (0.9, 0.5), "crop_scale"),
+    ("loss.entropy_weight", -1.0, "must be >= 0"),
+    ("data.source", "imagenet", "must be one of"),
+])
+def test_check_config_names_the_problem(key, value, message):
+    config = config_lib.load_config_file(os.path.join(REPO, "configs/dual.py:smoke"))
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.check_config(config, num_devices=8)
+
+
+def _run_main(*args, timeout=120):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", "fqgan_jax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_cli_typo_fails_fast_without_traceback(tmp_path):
+    result = _run_main("--config=configs/dual.py:smoke", f"--workdir={tmp_path}",
+                       "--config.model.codebok_size=3")
+    assert result.returncode != 0
+    assert "Did you mean: config.model.codebook_size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_data_folder_fails_before_compiling(tmp_path):
+    result = _run_main("--config=configs/dual.py:smoke", f"--workdir={tmp_path}",
+                       "--config.data.source=folder", "--config.data.train_dir=/no/such/dir")
+    assert result.returncode != 0
+    assert "/no/such/dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_saved_config_round_trips():
+    config = config_lib.load_config_file(os.path.join(REPO, "configs/triple.py:smoke"))
+    import json
+    restored = config_lib.config_from_dict(json.loads(config.to_json()))
+    assert restored.to_dict() == config.to_dict()

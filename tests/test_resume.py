@@ -1,0 +1,80 @@
+"""Exact resume: an interrupted run (also by kill -9) ends where an uninterrupted one does."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fqgan_jax import checkpointing, sharding, train
+
+from conftest import REPO
+
+
+def _final(workdir, config):
+    mesh = sharding.make_mesh(config.mesh)
+    state = checkpointing.restore_latest_state(str(workdir), config, mesh)
+    return jax.device_get(state.params.to_pure_dict()), int(state.step)
+
+
+def _assert_same(params_a, params_b):
+    jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def test_resume_in_process_is_exact(tiny_config, tmp_path):
+    full = tmp_path / "full"
+    full_eval = train.train_and_evaluate(tiny_config(), str(full))
+    parts = tmp_path / "parts"
+    train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), str(parts))
+    resumed_eval = train.train_and_evaluate(tiny_config(), str(parts))
+    assert resumed_eval == full_eval
+    (params_full, step_full), (params_parts, step_parts) = (
+        _final(full, tiny_config()), _final(parts, tiny_config()))
+    assert step_full == step_parts == 4
+    _assert_same(params_full, params_parts)
+
+
+def _cli(workdir, num_steps):
+    return [sys.executable, "-m", "fqgan_jax.main", "--config=configs/dual.py:smoke",
+            f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
+            "--config.train.checkpoint_every=2", "--config.train.eval_every=100",
+            "--config.train.log_every=2", "--config.train.image_every=100",
+            "--config.data.image_size=32", "--config.model.ch_mult=(1,2)",
+            "--config.model.codebook_size=64", "--config.train.batch_size=8",
+            "--config.eval.batch_size=8", "--config.eval.num_images=8",
+            "--config.data.num_workers=2"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_exact(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    run = lambda wd: subprocess.run(_cli(wd, 8), cwd=REPO, env=env, capture_output=True,  # noqa
+                                    text=True, timeout=600, stdin=subprocess.DEVNULL)
+    reference = run(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, 8), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 500
+    while not (killed / "checkpoints" / "4").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    restarted = run(killed)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+
+    final = lambda wd: json.loads((wd / "eval" / "8.json").read_text())  # noqa: E731
+    assert final(killed) == final(tmp_path / "reference")
+    from conftest import make_tiny_config
+    config = make_tiny_config()
+    config.mesh.shape = (-1,)
+    ref_params, _ = _final(tmp_path / "reference", config)
+    killed_params, _ = _final(killed, config)
+    _assert_same(ref_params, killed_params)

@@ -1,0 +1,107 @@
+"""The sharded train step: equivalence across meshes, the non-finite guard, an end-to-end run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fqgan_jax import checkpointing, sharding, train
+from fqgan_jax import train_state as ts
+from fqgan_jax.train_step import compile_train_step
+
+
+def _step_on(config, devices, batch):
+    config.mesh.shape = (len(devices),)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    tx = ts.make_optimizer(config)
+    shardings = sharding.state_shardings(ts.abstract_state(config, tx), mesh)
+    state = ts.create_train_state(config, tx, shardings)
+    step = compile_train_step(config, ts.model_graphdef(config), tx, shardings,
+                              sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    inputs = sharding.to_global_batch(batch, sharding.batch_sharding(mesh))
+    new_state, metrics = step(state, inputs)
+    return jax.device_get(new_state.params.to_pure_dict()), jax.device_get(metrics)
+
+
+def _batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    size = config.data.image_size
+    return {"image": rng.integers(0, 256, (config.train.batch_size, size, size, 3), np.uint8)}
+
+
+def test_eight_devices_match_one(tiny_config):
+    config = tiny_config()
+    batch = _batch(config)
+    params_1, metrics_1 = _step_on(config, jax.devices()[:1], batch)
+    params_8, metrics_8 = _step_on(config, jax.devices()[:8], batch)
+    assert jax.device_count() == 8
+    for key in ("loss", "loss/reconstruction", "loss/codebook", "loss/entropy", "grad_norm"):
+        np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-4, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                 params_8, params_1)
+
+
+def test_nonfinite_batch_skips_the_update(tiny_config):
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh)
+    tx = ts.make_optimizer(config)
+    shardings = sharding.state_shardings(ts.abstract_state(config, tx), mesh)
+    state = ts.create_train_state(config, tx, shardings)
+    before = jax.device_get(state.params.to_pure_dict())
+    step = compile_train_step(config, ts.model_graphdef(config), tx, shardings,
+                              sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    bad = np.full((8, 32, 32, 3), np.nan, np.float32)
+    state, metrics = step(state, sharding.to_global_batch({"image": bad},
+                                                          sharding.batch_sharding(mesh)))
+    assert int(metrics["skipped"]) == 1 and int(state.nonfinite_streak) == 1
+    assert int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params.to_pure_dict()),
+                 before)
+    good = _batch(config)["image"].astype(np.float32) / 127.5 - 1
+    state, metrics = step(state, sharding.to_global_batch({"image": good},
+                                                          sharding.batch_sharding(mesh)))
+    assert int(metrics["skipped"]) == 0 and int(state.nonfinite_streak) == 0
+    assert int(state.nonfinite_total) == 1
+
+
+def test_running_usage_reaches_one_when_every_code_is_used():
+    from fqgan_jax.train_step import codebook_health
+    indices = jnp.arange(64).reshape(4, 4, 4, 1) % 16
+    last_seen = jnp.full((1, 16), ts.NEVER_SEEN, jnp.int32)
+    seen, metrics = codebook_health(indices, last_seen, jnp.int32(5), 16, 10)
+    assert float(metrics["codebook/0/running_usage"]) == 1.0
+    np.testing.assert_allclose(metrics["codebook/0/perplexity"], 16.0, rtol=1e-5)
+    _, later = codebook_health(jnp.zeros((1, 1, 1, 1), jnp.int32), seen, jnp.int32(20), 16, 10)
+    assert float(later["codebook/0/running_usage"]) == 1 / 16
+
+
+def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
+    config = tiny_config()
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert set(os.listdir(tmp_path / "checkpoints")) >= {"2", "4"}
+    for step in (0, 4):
+        saved = json.loads((tmp_path / "eval" / f"{step}.json").read_text())
+        assert {"step", "psnr", "ssim", "usage"} <= set(saved)
+        assert len(saved["usage"]) == 2 and all(0 < u <= 1 for u in saved["usage"])
+        assert (tmp_path / "eval" / f"{step}.png").exists()
+    assert result["step"] == 4
+    assert (tmp_path / "images" / "2.png").exists()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    assert (tmp_path / "config.json").exists()
+
+
+def test_nonfinite_run_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    config = tiny_config()
+    config.optimizer.learning_rate = float("nan")
+    config.train.update(dict(num_steps=20, checkpoint_every=1, max_nonfinite_steps=3))
+    with pytest.raises(train.NonFiniteError, match="3 consecutive steps"):
+        train.train_and_evaluate(config, str(tmp_path))
+    mesh = sharding.make_mesh(config.mesh)
+    state = checkpointing.restore_latest_state(str(tmp_path), config, mesh)
+    assert int(state.step) < 3
+    leaves = jax.tree.leaves(jax.device_get(state.params.to_pure_dict()))
+    assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
