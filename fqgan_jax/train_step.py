@@ -33,7 +33,8 @@ def images_to_float(images: jax.Array) -> jax.Array:
 
 
 def _select(keep_new: jax.Array, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+    # lax.cond rather than a per-leaf jnp.where: the where-form made XLA compile ~5x slower.
+    return jax.lax.cond(keep_new, lambda: new, lambda: old)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -74,16 +75,17 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     ema = state.ema_params
     if ema is not None:
         decay = config.optimizer.ema_decay
-        ema = _select(finite, jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                                           ema, new_params), ema)
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, new_params)
+    params, opt_state, ema = _select(finite, (new_params, new_opt_state, ema),
+                                     (state.params, state.opt_state, state.ema_params))
     last_seen, health = codebook_health(indices, state.code_last_seen, state.step,
                                         config.model.codebook_size,
                                         config.train.usage_window_steps)
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
-        params=_select(finite, new_params, state.params),
-        opt_state=_select(finite, new_opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         ema_params=ema,
         code_last_seen=last_seen,
         nonfinite_streak=(state.nonfinite_streak + 1) * skipped,

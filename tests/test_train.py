@@ -41,8 +41,12 @@ def test_eight_devices_match_one(tiny_config):
     assert jax.device_count() == 8
     for key in ("loss", "loss/reconstruction", "loss/codebook", "loss/entropy", "grad_norm"):
         np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-4, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-                 params_8, params_1)
+    # Adam's first step is lr * g / |g|: an element whose gradient is ~0 may flip sign under
+    # fp reordering and move by up to 2 * lr. All others must agree closely.
+    diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
+        jax.tree.leaves(params_8), jax.tree.leaves(params_1))])
+    assert diffs.max() <= 2 * config.optimizer.learning_rate + 1e-6
+    assert np.mean(diffs > 1e-5) < 1e-3
 
 
 def test_nonfinite_batch_skips_the_update(tiny_config):
