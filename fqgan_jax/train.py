@@ -114,11 +114,11 @@ def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
         step += 1
         if pending_streak is not None:  # read one step late so the device queue stays full
             _check_finite(int(pending_streak), config)
-        pending_streak = state.nonfinite_streak
+        pending_streak = metrics["nonfinite_streak"]  # state's copy is donated next step
         for hook in hooks:
             hook(step)
         if step % config.train.log_every == 0 or step == config.train.num_steps:
-            _log_metrics(run, step, metrics, state, meta)
+            _log_metrics(run, step, metrics, meta)
         if step % config.train.image_every == 0:
             _write_train_grid(run, state, eval_fn, step)
         if step % config.train.eval_every == 0 or step == config.train.num_steps:
@@ -138,9 +138,8 @@ def _check_finite(streak: int, config) -> None:
             "config.optimizer.learning_rate, add warmup, or use model.dtype='float32'.")
 
 
-def _log_metrics(run: Run, step: int, metrics, state, meta) -> None:
+def _log_metrics(run: Run, step: int, metrics, meta) -> None:
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    scalars["nonfinite_total"] = int(state.nonfinite_total)
     scalars["data/skipped_images"] = meta["num_skipped_images"]
     scalars["data/converted_images"] = meta["num_converted_images"]
     run.writer.write_scalars(step, scalars)

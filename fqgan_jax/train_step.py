@@ -95,6 +95,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "param_norm": optax.global_norm(state.params),
                "learning_rate": schedule(state.step), "skipped": skipped,
+               "nonfinite_streak": new_state.nonfinite_streak,
+               "nonfinite_total": new_state.nonfinite_total,
                **{f"loss/{k}": v for k, v in terms.items()}, **health}
     return new_state, metrics
 
