@@ -61,9 +61,13 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
     images = images_to_float(batch["image"])
     with_entropy = config.loss.entropy_weight > 0
 
+    # Dropout (off in the official recipe) draws from the state's key, folded with the step.
+    rngs = nnx.Rngs(dropout=jax.random.fold_in(state.rng, state.step)) \
+        if config.model.dropout > 0 else None
+
     def loss_fn(params):
         model = merge_model(graphdef, params, state.model_state)
-        recon, quantized = model(images, with_entropy=with_entropy)
+        recon, quantized = model(images, with_entropy=with_entropy, rngs=rngs)
         total, terms = losses.generator_loss(images, recon, quantized, config.loss)
         return total, (terms, quantized.indices)
 
