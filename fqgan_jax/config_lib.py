@@ -286,7 +286,7 @@ def _shrink_for_cpu(config: ml_collections.ConfigDict) -> None:
         codebook_size=1024, dtype="float32"))
     config.optimizer.learning_rate = 1e-3
     config.train.update(dict(
-        batch_size=16, num_steps=300, log_every=25, checkpoint_every=100,
+        batch_size=16, num_steps=200, log_every=25, checkpoint_every=100,
         eval_every=100, image_every=100, usage_window_steps=20))
     config.data.update(dict(
         source="photos", image_size=64, augment="crop", crop_scale=(0.15, 0.6),
