@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fqgan_jax import checkpointing, sharding, train
+from fqgan_jax import checkpointing, config_lib, sharding, train
 
 from conftest import REPO
 
@@ -72,9 +72,8 @@ def test_resume_after_kill_9_is_exact(tmp_path):
 
     final = lambda wd: json.loads((wd / "eval" / "8.json").read_text())  # noqa: E731
     assert final(killed) == final(tmp_path / "reference")
-    from conftest import make_tiny_config
-    config = make_tiny_config()
-    config.mesh.shape = (-1,)
+    config = config_lib.config_from_dict(json.loads((killed / "config.json").read_text()))
     ref_params, _ = _final(tmp_path / "reference", config)
-    killed_params, _ = _final(killed, config)
+    killed_params, step = _final(killed, config)
+    assert step == 8
     _assert_same(ref_params, killed_params)
