@@ -85,8 +85,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     iterator = train_iterator(config)
     state, meta = restore_or_init(run, iterator)
     parameter_overview.log_parameter_overview(state.params.to_pure_dict())
-    step_fn = compile_train_step(config, run.graphdef, run.tx, run.state_shardings,
-                                 sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
+    step_fn = _compile_with_report(run, state)
     eval_fn = evaluate.compile_eval_step(config, run.graphdef, run.mesh)
     try:
         return _loop(run, state, meta, iterator, step_fn, eval_fn)
@@ -95,6 +94,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run.writer.close()
         if hasattr(iterator, "close"):
             iterator.close()
+
+
+def _compile_with_report(run: Run, state):
+    """Compiles the step ahead of time and logs its device memory before the first step."""
+    config = run.config
+    jitted = compile_train_step(config, run.graphdef, run.tx, run.state_shardings,
+                                sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
+    size = config.data.image_size
+    batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), np.uint8,
+                                           sharding=sharding.batch_sharding(run.mesh))}
+    compiled = jitted.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        gib = lambda n: n / 2**30  # noqa: E731
+        logging.info("train step memory per device: arguments %.2f GiB, outputs %.2f GiB, "
+                     "temporaries %.2f GiB", gib(memory.argument_size_in_bytes),
+                     gib(memory.output_size_in_bytes), gib(memory.temp_size_in_bytes))
+    return compiled
 
 
 def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:

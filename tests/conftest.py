@@ -36,3 +36,13 @@ def make_tiny_config(branches=("vis", "sem"), **overrides):
 @pytest.fixture
 def tiny_config():
     return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+    """One tiny 4-step training run, shared by the tests that inspect its outputs."""
+    from fqgan_jax import train
+
+    workdir = tmp_path_factory.mktemp("trained")
+    result = train.train_and_evaluate(make_tiny_config(), str(workdir))
+    return workdir, result

@@ -83,19 +83,18 @@ def test_running_usage_reaches_one_when_every_code_is_used():
     assert float(later["codebook/0/running_usage"]) == 1 / 16
 
 
-def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
-    config = tiny_config()
-    result = train.train_and_evaluate(config, str(tmp_path))
-    assert set(os.listdir(tmp_path / "checkpoints")) >= {"2", "4"}
+def test_train_and_evaluate_writes_everything(trained_workdir):
+    workdir, result = trained_workdir
+    assert set(os.listdir(workdir / "checkpoints")) >= {"2", "4"}
     for step in (0, 4):
-        saved = json.loads((tmp_path / "eval" / f"{step}.json").read_text())
+        saved = json.loads((workdir / "eval" / f"{step}.json").read_text())
         assert {"step", "psnr", "ssim", "usage"} <= set(saved)
         assert len(saved["usage"]) == 2 and all(0 < u <= 1 for u in saved["usage"])
-        assert (tmp_path / "eval" / f"{step}.png").exists()
+        assert (workdir / "eval" / f"{step}.png").exists()
     assert result["step"] == 4
-    assert (tmp_path / "images" / "2.png").exists()
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
-    assert (tmp_path / "config.json").exists()
+    assert (workdir / "images" / "2.png").exists()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    assert (workdir / "config.json").exists()
 
 
 def test_nonfinite_run_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):

@@ -14,30 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fqgan_jax.models.layers import (AttnBlock, ResnetBlock, Upsample, apply_mid, conv2d,
-                                     group_norm, mid_block, swish)
-
-
-class DecoderLevel(nnx.Module):
-    """One resolution level: `res[j]` (+ `attn[j]` at the lowest resolution), then `upsample`."""
-
-    def __init__(self, in_channels: int, out_channels: int, *, num_res_blocks: int,
-                 with_attention: bool, with_upsample: bool, dropout: float, dtype,
-                 rngs: nnx.Rngs):
-        channels = [in_channels] + [out_channels] * num_res_blocks
-        self.res = nnx.List([
-            ResnetBlock(channels[j], channels[j + 1], dropout=dropout, dtype=dtype, rngs=rngs)
-            for j in range(num_res_blocks)])
-        self.attn = nnx.List([AttnBlock(out_channels, dtype=dtype, rngs=rngs)
-                              for _ in range(num_res_blocks if with_attention else 0)])
-        self.upsample = Upsample(out_channels, dtype=dtype, rngs=rngs) if with_upsample else None
-
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        for j, res_block in enumerate(self.res):
-            x = res_block(x, rngs)
-            if len(self.attn):
-                x = self.attn[j](x)
-        return x if self.upsample is None else self.upsample(x)
+from fqgan_jax.models.layers import (ResolutionLevel, apply_mid, conv2d, group_norm, mid_block,
+                                     swish)
 
 
 class Decoder(nnx.Module):
@@ -53,9 +31,10 @@ class Decoder(nnx.Module):
         self.mid = mid_block(widths[0], dropout=dropout, dtype=dtype, rngs=rngs)
         level_in = [widths[0]] + widths[:-1]
         self.conv_blocks = nnx.List([
-            DecoderLevel(level_in[i], widths[i], num_res_blocks=num_res_blocks + 1,
-                         with_attention=i == 0, with_upsample=i != num_levels - 1,
-                         dropout=dropout, dtype=dtype, rngs=rngs)
+            ResolutionLevel(level_in[i], widths[i], num_res_blocks=num_res_blocks + 1,
+                            with_attention=i == 0,  # lowest resolution only
+                            resample="upsample" if i != num_levels - 1 else None,
+                            dropout=dropout, dtype=dtype, rngs=rngs)
             for i in range(num_levels)])
         self.norm_out = group_norm(widths[-1], dtype=dtype, rngs=rngs)
         self.conv_out = conv2d(widths[-1], out_channels, 3, dtype=dtype, rngs=rngs)

@@ -16,31 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fqgan_jax.models.adapter import FactorizedAdapter
-from fqgan_jax.models.layers import (AttnBlock, Downsample, ResnetBlock, apply_mid,
-                                     conv2d, group_norm, mid_block, swish)
-
-
-class EncoderLevel(nnx.Module):
-    """One resolution level: `res[j]` (+ `attn[j]` at the lowest resolution), then `downsample`."""
-
-    def __init__(self, in_channels: int, out_channels: int, *, num_res_blocks: int,
-                 with_attention: bool, with_downsample: bool, dropout: float, dtype,
-                 rngs: nnx.Rngs):
-        channels = [in_channels] + [out_channels] * num_res_blocks
-        self.res = nnx.List([
-            ResnetBlock(channels[j], channels[j + 1], dropout=dropout, dtype=dtype, rngs=rngs)
-            for j in range(num_res_blocks)])
-        self.attn = nnx.List([AttnBlock(out_channels, dtype=dtype, rngs=rngs)
-                              for _ in range(num_res_blocks if with_attention else 0)])
-        self.downsample = (Downsample(out_channels, dtype=dtype, rngs=rngs)
-                           if with_downsample else None)
-
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        for j, res_block in enumerate(self.res):
-            x = res_block(x, rngs)
-            if len(self.attn):
-                x = self.attn[j](x)
-        return x if self.downsample is None else self.downsample(x)
+from fqgan_jax.models.layers import (ResolutionLevel, apply_mid, conv2d, group_norm, mid_block,
+                                     swish)
 
 
 class Encoder(nnx.Module):
@@ -53,10 +30,10 @@ class Encoder(nnx.Module):
         self.conv_in = conv2d(in_channels, ch, 3, dtype=dtype, rngs=rngs)
         level_in = [ch * m for m in (1,) + tuple(ch_mult[:-1])]
         self.conv_blocks = nnx.List([
-            EncoderLevel(level_in[i], ch * ch_mult[i], num_res_blocks=num_res_blocks,
-                         with_attention=i == num_levels - 1,  # lowest resolution only
-                         with_downsample=i != num_levels - 1, dropout=dropout, dtype=dtype,
-                         rngs=rngs)
+            ResolutionLevel(level_in[i], ch * ch_mult[i], num_res_blocks=num_res_blocks,
+                            with_attention=i == num_levels - 1,  # lowest resolution only
+                            resample="downsample" if i != num_levels - 1 else None,
+                            dropout=dropout, dtype=dtype, rngs=rngs)
             for i in range(num_levels)])
         self.out_channels = ch * ch_mult[-1]
         self.mid = mid_block(self.out_channels, dropout=dropout, dtype=dtype, rngs=rngs)

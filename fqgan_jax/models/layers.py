@@ -153,3 +153,30 @@ def mid_block(channels: int, *, dropout: float, dtype, rngs: nnx.Rngs) -> nnx.Li
 def apply_mid(mid: nnx.List, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     x = mid[0](x, rngs)
     return mid[2](mid[1](x), rngs)
+
+
+class ResolutionLevel(nnx.Module):
+    """One encoder or decoder level: `res[j]` (+ `attn[j]` at the lowest resolution), then the
+    resampling conv, kept under the official name (`downsample` or `upsample`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, num_res_blocks: int,
+                 with_attention: bool, resample: str | None, dropout: float, dtype,
+                 rngs: nnx.Rngs):
+        channels = [in_channels] + [out_channels] * num_res_blocks
+        self.res = nnx.List([
+            ResnetBlock(channels[j], channels[j + 1], dropout=dropout, dtype=dtype, rngs=rngs)
+            for j in range(num_res_blocks)])
+        self.attn = nnx.List([AttnBlock(out_channels, dtype=dtype, rngs=rngs)
+                              for _ in range(num_res_blocks if with_attention else 0)])
+        self.resample_name = resample
+        if resample == "downsample":
+            self.downsample = Downsample(out_channels, dtype=dtype, rngs=rngs)
+        elif resample == "upsample":
+            self.upsample = Upsample(out_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        for j, res_block in enumerate(self.res):
+            x = res_block(x, rngs)
+            if len(self.attn):
+                x = self.attn[j](x)
+        return x if self.resample_name is None else getattr(self, self.resample_name)(x)
