@@ -115,7 +115,7 @@ def _compile_with_report(run: Run, state):
 
 
 def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
-    config, workdir = run.config, run.workdir
+    config = run.config
     step = int(jax.device_get(state.step))
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                              writer=run.writer, every_steps=config.train.log_every)]

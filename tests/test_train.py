@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from fqgan_jax import checkpointing, sharding, train
 from fqgan_jax import train_state as ts
