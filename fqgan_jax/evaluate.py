@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from fqgan_jax import data, image_grid, image_metrics, quantize, sharding
+from fqgan_jax import (checkpointing, config_lib, data, image_grid, image_metrics, quantize,
+                       sharding)
 from fqgan_jax.train_step import images_to_float
-from fqgan_jax.train_state import merge_model
+from fqgan_jax.train_state import merge_model, model_graphdef
 
 
 def eval_step(params, model_state, batch, *, graphdef, config):
@@ -120,12 +121,11 @@ def _write(results, grid, workdir, step, writer):
 
 def evaluate_workdir(config, workdir: str) -> dict:
     """`--mode=eval`: evaluates the latest checkpoint of `workdir` (EMA params if present)."""
-    from fqgan_jax import checkpointing, config_lib, train_state  # noqa: PLC0415
     config_lib.check_config(config, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
     checkpointing.check_config_matches(workdir, config)
     state = checkpointing.restore_latest_state(workdir, config, mesh)
-    graphdef = train_state.model_graphdef(config)
+    graphdef = model_graphdef(config)
     params = state.ema_params if state.ema_params is not None else state.params
     return evaluate(config, params, state.model_state, eval_fn=compile_eval_step(
         config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir)

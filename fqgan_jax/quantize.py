@@ -15,8 +15,8 @@ build a distance block larger than ``memory_budget_bytes``; they scan over codeb
 needed, over row blocks) instead.
 
 All quantizer arithmetic runs in float32 at full matmul precision, whatever the model's compute
-dtype: the official code runs the distance matmul under bf16 autocast (spec fqgan.md §7.2), and bf16
-quantizers are a reported source of NaNs and of argmin flips.
+dtype: the official code runs the distance matmul under bf16 autocast (spec fqgan.md §7.2),
+and bf16 quantizers are a reported source of NaNs and of argmin flips.
 """
 
 from __future__ import annotations
