@@ -1,10 +1,23 @@
-"""Test setup: 8 simulated CPU devices and parsed absl flags, before anything imports jax."""
+"""Test setup, before anything imports jax: 8 simulated CPU devices, a compilation cache, and
+parsed absl flags."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must precede the first jax import anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Many tests compile the same tiny programs (every train run, every subprocess): a persistent
+# compilation cache, fresh for each session, compiles each of them once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="fqgan_jax_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from absl import flags  # noqa: E402
 
