@@ -120,7 +120,7 @@ def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                              writer=run.writer, every_steps=config.train.log_every)]
     last_eval = _maybe_eval(run, state, eval_fn, step, force=step == 0)
-    pending_streak = None
+    pending_streak, grid_inputs = None, _grid_inputs(run)
     while step < config.train.num_steps:
         batch = next(iterator)
         meta["num_skipped_images"] += int(batch["num_skipped"])
@@ -137,7 +137,7 @@ def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
         if step % config.train.log_every == 0 or step == config.train.num_steps:
             _log_metrics(run, step, metrics, meta)
         if step % config.train.image_every == 0:
-            _write_train_grid(run, state, eval_fn, step)
+            _write_train_grid(run, state, eval_fn, step, grid_inputs)
         if step % config.train.eval_every == 0 or step == config.train.num_steps:
             last_eval = _maybe_eval(run, state, eval_fn, step, force=True)
         if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
@@ -174,18 +174,22 @@ def _maybe_eval(run: Run, state, eval_fn, step: int, *, force: bool):
                              mesh=run.mesh, step=step, workdir=run.workdir, writer=run.writer)
 
 
-def _write_train_grid(run: Run, state, eval_fn, step: int) -> None:
-    """Reconstructions of a fixed held-out batch, for watching progress."""
+def _grid_inputs(run: Run) -> dict:
+    """The fixed held-out batch whose reconstructions are written every `image_every` steps."""
     config = run.config
     per_process = config.eval.batch_size // jax.process_count()
     batch = next(iter(data.make_eval_batches(
         config.data, batch_size=per_process, num_images=config.eval.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())))
-    inputs = sharding.to_global_batch({"image": batch["image"], "mask": batch["mask"]},
-                                      sharding.batch_sharding(run.mesh))
+    return sharding.to_global_batch({"image": np.array(batch["image"]), "mask": batch["mask"]},
+                                    sharding.batch_sharding(run.mesh))
+
+
+def _write_train_grid(run: Run, state, eval_fn, step: int, inputs: dict) -> None:
+    """Reconstructions of a fixed held-out batch, for watching progress."""
     recon = np.asarray(jax.device_get(eval_fn(state.params, state.model_state, inputs)["recon"]))
     images = np.asarray(jax.device_get(inputs["image"]))
-    count = config.eval.grid_images
+    count = run.config.eval.grid_images
     grid = image_grid.make_grid([images[:count], recon[:count]])
     if jax.process_index() == 0:
         image_grid.save_png(grid, os.path.join(run.workdir, "images", f"{step}.png"))
