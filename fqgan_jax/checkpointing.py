@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from fqgan_jax import sharding, train_state
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored into this run."""
@@ -87,7 +89,6 @@ def check_config_matches(workdir: str, config) -> None:
 
 def restore_latest_state(workdir: str, config, mesh, step: int | None = None):
     """The TrainState at `step` (default: latest) in `workdir`, without the data iterator."""
-    from fqgan_jax import sharding, train_state  # noqa: PLC0415 (train_state imports models)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step

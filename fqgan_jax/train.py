@@ -35,6 +35,7 @@ class Run:
     mesh: object
     graphdef: object
     tx: object
+    abstract_state: object  # shapes and dtypes of the TrainState
     state_shardings: object
     checkpointer: checkpointing.Checkpointer
     writer: object
@@ -55,7 +56,7 @@ def setup(config, workdir: str) -> Run:
     tx = make_optimizer(config)
     abstract = abstract_state(config, tx)
     return Run(config=config, workdir=workdir, mesh=mesh, graphdef=model_graphdef(config), tx=tx,
-               state_shardings=sharding.state_shardings(abstract, mesh),
+               abstract_state=abstract, state_shardings=sharding.state_shardings(abstract, mesh),
                checkpointer=checkpointing.Checkpointer(
                    os.path.join(workdir, "checkpoints"),
                    max_to_keep=config.train.keep_checkpoints),
@@ -69,7 +70,7 @@ def restore_or_init(run: Run, data_iterator):
     if step is None:
         state = create_train_state(run.config, run.tx, run.state_shardings)
         return state, {"num_skipped_images": 0, "num_converted_images": 0}
-    target = checkpointing.with_shardings(abstract_state(run.config, run.tx), run.state_shardings)
+    target = checkpointing.with_shardings(run.abstract_state, run.state_shardings)
     return run.checkpointer.restore(step, target, data_iterator)
 
 

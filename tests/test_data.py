@@ -320,6 +320,17 @@ def test_iterator_state_round_trip(num_workers):
 # Augmentation
 
 
+def _reference_adm_resize(image: np.ndarray, short_side: int) -> np.ndarray:
+    """ADM's resize with PIL: BOX-halve while the short side is >= 2x, then bicubic."""
+    pil_image = Image.fromarray(image)
+    while min(*pil_image.size) >= 2 * short_side:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = short_side / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                                 resample=Image.BICUBIC)
+    return np.array(pil_image)
+
+
 def reference_random_crop_arr(image: np.ndarray, image_size: int, seed: int,
                               crop_scale=(0.8, 1.0)):
     """ADM random_crop_arr written directly with PIL, drawing from a Generator in ADM's order.
@@ -328,13 +339,7 @@ def reference_random_crop_arr(image: np.ndarray, image_size: int, seed: int,
     low = int(np.ceil(image_size / crop_scale[1]))
     high = int(np.ceil(image_size / crop_scale[0]))
     short_side = int(rng.integers(low, high + 1))
-    pil_image = Image.fromarray(image)
-    while min(*pil_image.size) >= 2 * short_side:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = short_side / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
-                                 resample=Image.BICUBIC)
-    array = np.array(pil_image)
+    array = _reference_adm_resize(image, short_side)
     top = int(rng.integers(array.shape[0] - image_size + 1))
     left = int(rng.integers(array.shape[1] - image_size + 1))
     return array[top:top + image_size, left:left + image_size], min(array.shape[:2])
@@ -342,13 +347,7 @@ def reference_random_crop_arr(image: np.ndarray, image_size: int, seed: int,
 
 def reference_center_crop_arr(image: np.ndarray, image_size: int) -> np.ndarray:
     """ADM center_crop_arr written directly with PIL."""
-    pil_image = Image.fromarray(image)
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
-                                 resample=Image.BICUBIC)
-    array = np.array(pil_image)
+    array = _reference_adm_resize(image, image_size)
     top = (array.shape[0] - image_size) // 2
     left = (array.shape[1] - image_size) // 2
     return array[top:top + image_size, left:left + image_size]
