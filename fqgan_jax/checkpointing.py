@@ -77,14 +77,25 @@ def check_config_matches(workdir: str, config) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
-    current = json.loads(config.to_json())
-    diffs = [f"config.model.{key}: saved {saved['model'].get(key)!r}, now {value!r}"
-             for key, value in current["model"].items()
-             if key != "dtype" and saved.get("model", {}).get(key) != value]
+    current = _architecture(json.loads(config.to_json()))
+    saved = _architecture(saved)
+    diffs = [f"{key}: saved {saved.get(key)!r}, now {value!r}"
+             for key, value in current.items() if saved.get(key) != value]
     if diffs:
         raise CheckpointError(
             f"--workdir={workdir} holds a run with a different model:\n  " + "\n  ".join(diffs)
             + "\nUse a fresh --workdir, or pass the original config (see its config.json).")
+
+
+def _architecture(config: dict) -> dict:
+    """What a checkpoint's shapes depend on: the model, and the discriminator if any."""
+    arch = {f"config.model.{key}": value for key, value in config.get("model", {}).items()
+            if key != "dtype"}
+    gan = config.get("gan", {})
+    arch["discriminator (config.gan.weight > 0)"] = gan.get("weight", 0) > 0
+    if arch["discriminator (config.gan.weight > 0)"]:
+        arch.update({f"config.gan.{key}": gan.get(key) for key in ("ndf", "n_layers")})
+    return arch
 
 
 def restore_latest_state(workdir: str, config, mesh, step: int | None = None):
@@ -96,7 +107,7 @@ def restore_latest_state(workdir: str, config, mesh, step: int | None = None):
             raise CheckpointError(
                 f"No checkpoint in {workdir}/checkpoints. Train first (--mode=train) or pass "
                 "the workdir of a finished run.")
-        abstract = train_state.abstract_state(config, train_state.make_optimizer(config))
+        abstract = train_state.abstract_state(config, train_state.make_components(config))
         target = with_shardings(abstract, sharding.state_shardings(abstract, mesh))
         state, _ = checkpointer.restore(step, target)
     finally:

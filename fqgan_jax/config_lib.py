@@ -44,15 +44,38 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",  # compute dtype; params and the quantizer stay float32
     ))
 
-    # Generator objective (spec fqgan.md §4.1). GAN, LPIPS and teacher terms come later.
+    # Generator objective (spec fqgan.md §4.1). Teacher terms come later.
     config.loss = ml_collections.ConfigDict(dict(
         reconstruction="l2",  # "l2" (official) or "l1"
         reconstruction_weight=1.0,
+        perceptual_weight=1.0,  # LPIPS-VGG16; 0 turns it off
+        lpips_weights="",  # converted file; "" = $FQGAN_JAX_WEIGHTS_DIR or ~/.cache/fqgan_jax
+        lpips_required=True,  # False: run without LPIPS (and log it) when the file is missing
+        lpips_dropout=False,  # True: the official Dropout(0.5) in the LPIPS heads (spec §4.1)
         codebook_weight=1.0,
         commitment_beta=0.25,
         entropy_weight=0.03,
         disentangle_weight=0.1,  # λ of spec §2; averaged over sub-codebook pairs
     ))
+
+    # PatchGAN and its losses (spec fqgan.md §4.1-4.2). Steps count updates from 1, as the
+    # official global_step = step + 1.
+    config.gan = ml_collections.ConfigDict(dict(
+        weight=0.5,  # generator's GAN weight (x the adaptive weight if on); 0 = no GAN at all
+        disc_loss_weight=0.5,  # factor on the discriminator loss (official: disc_weight)
+        start=20_000,  # first step whose generator loss includes the GAN term
+        disc_warmup_steps=0,  # D trains alone from step start - disc_warmup_steps
+        generator_loss="hinge",  # "hinge" | "non_saturating" | "non_saturating_per_image"
+        adaptive_weight=False,  # taming/VQGAN-LC: |grad nll| / |grad gan| at decoder.conv_out
+        adaptive_weight_max=1e4,
+        lecam_weight=0.0,  # Open-MAGVIT2: 0.05
+        lecam_decay=0.999,
+        ndf=64,
+        n_layers=3,  # VQGAN-LC: 2
+    ))
+    config.gan.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=2e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
+        schedule="constant", warmup_steps=0, min_lr_ratio=0.0))
 
     # Adam(0.9, 0.95), lr 2e-4, clip 1.0, constant (spec fqgan.md §4.3).
     config.optimizer = ml_collections.ConfigDict(dict(
@@ -194,6 +217,8 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "loss.reconstruction": ("l2", "l1"),
     "optimizer.schedule": ("constant", "warmup_cosine"),
+    "gan.optimizer.schedule": ("constant", "warmup_cosine"),
+    "gan.generator_loss": ("hinge", "non_saturating", "non_saturating_per_image"),
     "data.source": ("tfds", "folder", "photos"),
     "data.augment": ("adm", "crop"),
 }
@@ -227,6 +252,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
             problems.append(f"config.loss.{key} must be >= 0, got {value}.")
     if not 0 <= config.optimizer.ema_decay < 1:
         problems.append("config.optimizer.ema_decay must be in [0, 1).")
+    problems += _gan_problems(config.gan)
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -252,6 +278,22 @@ def _model_problems(model, image_size):
                         f"config.model.adapter_heads={model.adapter_heads}.")
     if model.codebook_size < 2 or model.code_dim < 1:
         problems.append("config.model.codebook_size must be >= 2 and code_dim >= 1.")
+    return problems
+
+
+def _gan_problems(gan):
+    problems = []
+    for key in ("weight", "disc_loss_weight", "lecam_weight", "adaptive_weight_max"):
+        if gan[key] < 0:
+            problems.append(f"config.gan.{key} must be >= 0, got {gan[key]}.")
+    if gan.start < 0 or not 0 <= gan.disc_warmup_steps <= gan.start:
+        problems.append(f"config.gan.disc_warmup_steps={gan.disc_warmup_steps} must be in "
+                        f"[0, config.gan.start={gan.start}]: D warms up before the generator "
+                        "sees its loss.")
+    if not 0 <= gan.lecam_decay < 1:
+        problems.append("config.gan.lecam_decay must be in [0, 1).")
+    if gan.n_layers < 1 or gan.ndf < 1:
+        problems.append("config.gan.n_layers and config.gan.ndf must be >= 1.")
     return problems
 
 
@@ -285,6 +327,11 @@ def _shrink_for_cpu(config: ml_collections.ConfigDict) -> None:
         adapter_layers=min(config.model.adapter_layers, 1), adapter_heads=4,
         codebook_size=1024, dtype="float32"))
     config.optimizer.learning_rate = 1e-3
+    # LPIPS only if its converted weights are there; the GAN from an early step, so the whole
+    # adversarial path runs: D alone from step 60, the generator sees it from step 80.
+    config.loss.lpips_required = False
+    config.gan.update(dict(start=80, disc_warmup_steps=20))
+    config.gan.optimizer.learning_rate = 1e-3
     config.train.update(dict(
         batch_size=16, num_steps=200, log_every=25, checkpoint_every=100,
         eval_every=100, image_every=100, usage_window_steps=20))

@@ -1,12 +1,14 @@
 """Generator loss terms of the tokenizer (spec fqgan.md §4.1).
 
-Each term is a small pure function; `generator_loss` weights and sums them. Later terms (LPIPS,
-GAN, representation learning) slot in as further entries of the same dict of named terms.
+Each term is a small pure function; `generator_loss` weights and sums them. The GAN term, whose
+weight depends on the step, is added by the train step; teacher terms slot in as further entries
+of the same dict of named terms.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,22 +40,36 @@ def disentangle_loss(codes: jax.Array) -> jax.Array:
     return sum(terms) / len(pairs)
 
 
+def nll_loss(images: jax.Array, recon: jax.Array, loss_config: ml_collections.ConfigDict,
+             perceptual_fn: Callable | None = None) -> tuple[jax.Array, dict]:
+    """taming's `nll_loss`: weighted pixel (+ perceptual) loss, and the unweighted terms.
+
+    `perceptual_fn(images, recon)` is the batch-mean LPIPS, or None when it is off.
+    """
+    terms = {"reconstruction": reconstruction_loss(images, recon, loss_config.reconstruction)}
+    value = loss_config.reconstruction_weight * terms["reconstruction"]
+    if perceptual_fn is not None:
+        terms["perceptual"] = perceptual_fn(images, recon)
+        value = value + loss_config.perceptual_weight * terms["perceptual"]
+    return value, terms
+
+
 def generator_loss(images: jax.Array, recon: jax.Array, quantized: QuantizerOutput,
-                   loss_config: ml_collections.ConfigDict) -> tuple[jax.Array, dict]:
-    """Weighted total and the unweighted terms, for logging."""
-    terms = {
-        "reconstruction": reconstruction_loss(images, recon, loss_config.reconstruction),
+                   loss_config: ml_collections.ConfigDict,
+                   perceptual_fn: Callable | None = None) -> tuple[jax.Array, dict]:
+    """Weighted total and the unweighted terms, for logging. The GAN term is the step's."""
+    nll, terms = nll_loss(images, recon, loss_config, perceptual_fn)
+    vq_terms = {
         "codebook": quantized.codebook_loss,
         "commitment": quantized.commitment_loss,
         "entropy": quantized.entropy_loss,
         "disentangle": disentangle_loss(quantized.codes),
     }
     weights = {
-        "reconstruction": loss_config.reconstruction_weight,
         "codebook": loss_config.codebook_weight,
         "commitment": loss_config.codebook_weight * loss_config.commitment_beta,
         "entropy": loss_config.entropy_weight,
         "disentangle": loss_config.disentangle_weight,
     }
-    total = sum(weights[name] * value for name, value in terms.items())
-    return total, terms
+    total = nll + sum(weights[name] * value for name, value in vq_terms.items())
+    return total, {**terms, **vq_terms}

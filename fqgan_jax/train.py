@@ -17,9 +17,9 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from fqgan_jax import checkpointing, config_lib, data, evaluate, image_grid, sharding
-from fqgan_jax.train_state import (abstract_state, create_train_state, make_optimizer,
-                                   model_graphdef)
+from fqgan_jax import (checkpointing, config_lib, data, evaluate, frozen_nets, image_grid,
+                       sharding)
+from fqgan_jax.train_state import Components, abstract_state, create_train_state, make_components
 from fqgan_jax.train_step import compile_train_step
 
 
@@ -30,11 +30,11 @@ class NonFiniteError(RuntimeError):
 @dataclasses.dataclass
 class Run:
     """Everything built once per run; the loop reads it, never mutates it."""
-    config: object
+    config: object  # as resolved by frozen_nets.resolve
     workdir: str
     mesh: object
-    graphdef: object
-    tx: object
+    components: Components
+    frozen: dict  # replicated params of the frozen networks (LPIPS)
     abstract_state: object  # shapes and dtypes of the TrainState
     state_shardings: object
     checkpointer: checkpointing.Checkpointer
@@ -42,7 +42,8 @@ class Run:
 
 
 def setup(config, workdir: str) -> Run:
-    """Validates config, data and workdir before anything is compiled."""
+    """Validates config, data, weight files and workdir before anything is compiled."""
+    config = frozen_nets.resolve(config)
     config_lib.check_config(config, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
     for split in ("train", "eval"):
@@ -53,10 +54,11 @@ def setup(config, workdir: str) -> Run:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    tx = make_optimizer(config)
-    abstract = abstract_state(config, tx)
-    return Run(config=config, workdir=workdir, mesh=mesh, graphdef=model_graphdef(config), tx=tx,
-               abstract_state=abstract, state_shardings=sharding.state_shardings(abstract, mesh),
+    components = make_components(config)
+    abstract = abstract_state(config, components)
+    return Run(config=config, workdir=workdir, mesh=mesh, components=components,
+               frozen=frozen_nets.load(config, mesh), abstract_state=abstract,
+               state_shardings=sharding.state_shardings(abstract, mesh),
                checkpointer=checkpointing.Checkpointer(
                    os.path.join(workdir, "checkpoints"),
                    max_to_keep=config.train.keep_checkpoints),
@@ -68,7 +70,7 @@ def restore_or_init(run: Run, data_iterator):
     """Returns (state, meta) from the latest checkpoint, or a fresh state."""
     step = run.checkpointer.latest_step()
     if step is None:
-        state = create_train_state(run.config, run.tx, run.state_shardings)
+        state = create_train_state(run.config, run.components, run.state_shardings)
         return state, {"num_skipped_images": 0, "num_converted_images": 0}
     target = checkpointing.with_shardings(run.abstract_state, run.state_shardings)
     return run.checkpointer.restore(step, target, data_iterator)
@@ -83,11 +85,14 @@ def train_iterator(config):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains to `config.train.num_steps`, evaluating along the way; returns the last eval."""
     run = setup(config, workdir)
-    iterator = train_iterator(config)
+    iterator = train_iterator(run.config)
     state, meta = restore_or_init(run, iterator)
     parameter_overview.log_parameter_overview(state.params.to_pure_dict())
+    if state.disc is not None:
+        parameter_overview.log_parameter_overview(state.disc.params.to_pure_dict(),
+                                                  msg="discriminator")
     step_fn = _compile_with_report(run, state)
-    eval_fn = evaluate.compile_eval_step(config, run.graphdef, run.mesh)
+    eval_fn = evaluate.compile_eval_step(run.config, run.components.graphdef, run.mesh)
     try:
         return _loop(run, state, meta, iterator, step_fn, eval_fn)
     finally:
@@ -100,12 +105,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _compile_with_report(run: Run, state):
     """Compiles the step ahead of time and logs its device memory before the first step."""
     config = run.config
-    jitted = compile_train_step(config, run.graphdef, run.tx, run.state_shardings,
+    jitted = compile_train_step(config, run.components, run.state_shardings,
+                                frozen_nets.shardings(run.frozen, run.mesh),
                                 sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
     size = config.data.image_size
     batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), np.uint8,
                                            sharding=sharding.batch_sharding(run.mesh))}
-    compiled = jitted.lower(state, batch).compile()
+    compiled = jitted.lower(state, batch, run.frozen).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
         gib = lambda n: n / 2**30  # noqa: E731
@@ -128,7 +134,7 @@ def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
         meta["num_converted_images"] += int(batch["num_converted"])
         inputs = sharding.to_global_batch({"image": batch["image"]},
                                           sharding.batch_sharding(run.mesh))
-        state, metrics = step_fn(state, inputs)
+        state, metrics = step_fn(state, inputs, run.frozen)
         step += 1
         if pending_streak is not None:  # read one step late so the device queue stays full
             _check_finite(int(pending_streak), config)

@@ -6,6 +6,7 @@ jax_stack.md §2.1), so every step is a pure function of `TrainState`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -16,9 +17,19 @@ import optax
 from flax import nnx
 
 from fqgan_jax.models import Tokenizer
+from fqgan_jax.models.discriminator import PatchDiscriminator
+from fqgan_jax.models.lpips import LPIPS
 
 # Codes never assigned carry this "last seen" step, far outside any usage window.
 NEVER_SEEN = -(2**30)
+
+
+@flax.struct.dataclass
+class DiscriminatorState:
+    params: nnx.State
+    batch_stats: nnx.State  # BatchNorm running statistics (tracked; the official D never uses them)
+    opt_state: Any
+    lecam_ema: jax.Array  # float32 [2]: EMAs of the mean real and fake logits (LeCam)
 
 
 @flax.struct.dataclass
@@ -32,6 +43,17 @@ class TrainState:
     code_last_seen: jax.Array  # int32 [k, K]: step at which each code was last assigned
     nonfinite_streak: jax.Array  # int32: consecutive skipped updates
     nonfinite_total: jax.Array  # int32: all skipped updates
+    disc: DiscriminatorState | None  # None when config.gan.weight == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """The static halves of training, built once per run: model structures and optimizers."""
+    graphdef: nnx.GraphDef  # the tokenizer
+    tx: optax.GradientTransformation
+    disc_graphdef: nnx.GraphDef | None
+    disc_tx: optax.GradientTransformation | None
+    lpips_graphdef: nnx.GraphDef | None  # None when config.loss.perceptual_weight == 0
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -45,10 +67,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> op
         end_value=opt.learning_rate * opt.min_lr_ratio)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam(0.9, 0.95) with global-norm clipping (spec fqgan.md §4.3)."""
-    opt = config.optimizer
-    schedule = learning_rate_schedule(opt, config.train.num_steps)
+def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    """Adam(0.9, 0.95) with global-norm clipping (spec fqgan.md §4.3), for `config.optimizer`
+    (the tokenizer) or `config.gan.optimizer` (the discriminator)."""
+    schedule = learning_rate_schedule(opt, num_steps)
     if opt.weight_decay > 0:
         adam = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                            weight_decay=opt.weight_decay)
@@ -61,19 +83,49 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Tokenizer
     return Tokenizer.from_config(config.model, image_size=config.data.image_size, rngs=rngs)
 
 
+def create_discriminator(config: ml_collections.ConfigDict,
+                         rngs: nnx.Rngs) -> PatchDiscriminator:
+    return PatchDiscriminator(ndf=config.gan.ndf, n_layers=config.gan.n_layers,
+                              dtype=config.model.dtype, rngs=rngs)
+
+
+def _graphdef(build) -> nnx.GraphDef:
+    """The static half of a module, built without allocating any parameter."""
+    return nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param, ...)[0]
+
+
 def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
-    """The static half of the model, built without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
-    return nnx.split(abstract, nnx.Param, ...)[0]
+    return _graphdef(lambda rngs: create_model(config, rngs))
 
 
-def initial_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+def make_components(config: ml_collections.ConfigDict) -> Components:
+    with_gan = config.gan.weight > 0
+    return Components(
+        graphdef=model_graphdef(config),
+        tx=make_optimizer(config.optimizer, config.train.num_steps),
+        disc_graphdef=_graphdef(lambda r: create_discriminator(config, r)) if with_gan else None,
+        disc_tx=make_optimizer(config.gan.optimizer, config.train.num_steps)
+        if with_gan else None,
+        lpips_graphdef=_graphdef(lambda r: LPIPS(dtype=config.model.dtype, rngs=r))
+        if config.loss.perceptual_weight > 0 else None)
+
+
+def _initial_disc_state(config, disc_tx, rng) -> DiscriminatorState:
+    _, params, batch_stats = nnx.split(create_discriminator(config, nnx.Rngs(params=rng)),
+                                       nnx.Param, nnx.BatchStat)
+    return DiscriminatorState(params=params, batch_stats=batch_stats,
+                              opt_state=disc_tx.init(params),
+                              lecam_ema=jnp.zeros((2,), jnp.float32))
+
+
+def initial_state(config: ml_collections.ConfigDict, components: Components,
                   rng: jax.Array) -> TrainState:
     """A fresh state; meant to run under jit with out_shardings, so it is built sharded."""
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng, disc_rng = jax.random.split(rng, 3)
     model = create_model(config, nnx.Rngs(params=init_rng))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     num_codebooks = len(config.model.branches)
+    tx = components.tx
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -85,17 +137,19 @@ def initial_state(config: ml_collections.ConfigDict, tx: optax.GradientTransform
                                 jnp.int32),
         nonfinite_streak=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32),
+        disc=_initial_disc_state(config, components.disc_tx, disc_rng)
+        if components.disc_tx is not None else None,
     )
 
 
-def abstract_state(config, tx) -> TrainState:
+def abstract_state(config, components: Components) -> TrainState:
     """Shapes and dtypes of the state, without computing it."""
-    return jax.eval_shape(lambda: initial_state(config, tx, jax.random.key(0)))
+    return jax.eval_shape(lambda: initial_state(config, components, jax.random.key(0)))
 
 
-def create_train_state(config, tx, shardings) -> TrainState:
+def create_train_state(config, components: Components, shardings) -> TrainState:
     """Initializes the state directly with its target shardings (no full copy on device 0)."""
-    init = jax.jit(lambda: initial_state(config, tx, jax.random.key(config.seed)),
+    init = jax.jit(lambda: initial_state(config, components, jax.random.key(config.seed)),
                    out_shardings=shardings)
     return init()
 

@@ -1,8 +1,11 @@
-"""The pure train step, `train_step(state, batch) -> (state, metrics)`, and its compilation.
+"""The pure train step, `train_step(state, batch, frozen) -> (state, metrics)`, and its compilation.
 
 Design notes:
-- Non-finite guard: a non-finite loss, gradient or updated parameter skips the whole update
-  (params, optimizer, EMA stay as they were); the step is counted. The outer loop stops the run
+- One compiled step holds both phases: the generator update, then the discriminator update on
+  the same reconstructions (spec fqgan.md §4.3 "training loop per step"); `adversarial.py` holds
+  the GAN half and its schedule.
+- Non-finite guard: a non-finite loss, gradient or updated parameter, in either phase, skips the
+  whole update (params, optimizers, EMA, discriminator stay as they were); the step is counted. The outer loop stops the run
   after `max_nonfinite_steps` consecutive skips, so no bad state is ever checkpointed.
 - Codebook health is computed on the global batch (jit semantics over sharded arrays), so the
   numbers are already reduced across devices and hosts.
@@ -21,8 +24,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from fqgan_jax import losses, quantize
-from fqgan_jax.train_state import TrainState, learning_rate_schedule, merge_model
+from fqgan_jax import adversarial, losses, quantize
+from fqgan_jax.train_state import Components, TrainState, learning_rate_schedule, merge_model
 
 
 def images_to_float(images: jax.Array) -> jax.Array:
@@ -56,32 +59,74 @@ def codebook_health(indices, last_seen, step, codebook_size, window):
     return seen, metrics
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-    images = images_to_float(batch["image"])
-    with_entropy = config.loss.entropy_weight > 0
+def _perceptual_fn(components: Components, frozen: dict, loss_config, rng):
+    """(images, recon) -> batch-mean LPIPS with the frozen VGG16, or None when LPIPS is off."""
+    if components.lpips_graphdef is None:
+        return None
 
+    def perceptual(images, recon):
+        lpips = nnx.merge(components.lpips_graphdef, frozen["lpips"])
+        # The official loss module stays in train mode, so its heads' Dropout(0.5) is live.
+        return jnp.mean(lpips(images, recon,
+                              dropout_rng=rng if loss_config.lpips_dropout else None))
+    return perceptual
+
+
+def _generator_loss(params, state: TrainState, images, frozen, rng, *, components, config):
+    """The tokenizer's total loss (spec fqgan.md §4.1) and (metrics, indices, reconstruction)."""
+    model = merge_model(components.graphdef, params, state.model_state)
+    dropout_rng, lpips_rng = jax.random.split(rng)
     # Dropout (off in the official recipe) draws from the state's key, folded with the step.
-    rngs = nnx.Rngs(dropout=jax.random.fold_in(state.rng, state.step)) \
-        if config.model.dropout > 0 else None
+    rngs = nnx.Rngs(dropout=dropout_rng) if config.model.dropout > 0 else None
+    quantized = model.encode(images, with_entropy=config.loss.entropy_weight > 0, rngs=rngs)
+    features = model.decode_features(quantized.codes, rngs=rngs)
+    recon = model.decoder.conv_out(features).astype(jnp.float32)
+    perceptual_fn = _perceptual_fn(components, frozen, config.loss, lpips_rng)
+    total, terms = losses.generator_loss(images, recon, quantized, config.loss, perceptual_fn)
+    if state.disc is not None:
+        adaptive = None
+        if config.gan.adaptive_weight:
+            nll_fn = lambda r: losses.nll_loss(images, r, config.loss, perceptual_fn)[0]  # noqa: E731
+            adaptive = (nll_fn, nnx.split(model.decoder.conv_out), features)
+        weighted, terms["gan"], gan_weight = adversarial.generator_gan_term(
+            state.step, recon, disc_graphdef=components.disc_graphdef, disc_state=state.disc,
+            gan=config.gan, adaptive=adaptive)
+        total = total + weighted
+        terms = {**terms, "generator_gan_weight": gan_weight}
+    return total, ({f"loss/{k}": v for k, v in terms.items()}, quantized.indices, recon)
 
-    def loss_fn(params):
-        model = merge_model(graphdef, params, state.model_state)
-        recon, quantized = model(images, with_entropy=with_entropy, rngs=rngs)
-        total, terms = losses.generator_loss(images, recon, quantized, config.loss)
-        return total, (terms, quantized.indices)
 
-    (loss, (terms, indices)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Components,
+               config: ml_collections.ConfigDict):
+    """One generator update, then one discriminator update on the same reconstructions.
+
+    `frozen` holds the parameters of the frozen networks (LPIPS); it is read, never trained.
+    """
+    images = images_to_float(batch["image"])
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(_generator_loss, has_aux=True)
+    (loss, (loss_metrics, indices, recon)), grads = grad_fn(
+        state.params, state, images, frozen, rng, components=components, config=config)
+    updates, new_opt_state = components.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
+
+    new_disc, disc_metrics = state.disc, {}
+    if state.disc is not None:
+        new_disc, disc_metrics = adversarial.discriminator_update(
+            state.step, state.disc, images, recon, disc_graphdef=components.disc_graphdef,
+            disc_tx=components.disc_tx, gan=config.gan)
+        finite &= jnp.isfinite(disc_metrics["disc/loss"]) & _all_finite(
+            (new_disc.params, new_disc.batch_stats))
 
     ema = state.ema_params
     if ema is not None:
         decay = config.optimizer.ema_decay
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, new_params)
-    params, opt_state, ema = _select(finite, (new_params, new_opt_state, ema),
-                                     (state.params, state.opt_state, state.ema_params))
+    # A non-finite generator or discriminator update skips both (see the module docstring).
+    params, opt_state, ema, disc = _select(
+        finite, (new_params, new_opt_state, ema, new_disc),
+        (state.params, state.opt_state, state.ema_params, state.disc))
     last_seen, health = codebook_health(indices, state.code_last_seen, state.step,
                                         config.model.codebook_size,
                                         config.train.usage_window_steps)
@@ -91,6 +136,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
         params=params,
         opt_state=opt_state,
         ema_params=ema,
+        disc=disc,
         code_last_seen=last_seen,
         nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
         nonfinite_total=state.nonfinite_total + skipped,
@@ -101,12 +147,13 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef,
                "learning_rate": schedule(state.step), "skipped": skipped,
                "nonfinite_streak": new_state.nonfinite_streak,
                "nonfinite_total": new_state.nonfinite_total,
-               **{f"loss/{k}": v for k, v in terms.items()}, **health}
+               **loss_metrics, **disc_metrics, **health}
     return new_state, metrics
 
 
-def compile_train_step(config, graphdef, tx, state_shardings, batch_sharding, replicated):
-    """jit with explicit shardings; the old state is donated."""
-    step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config)
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+def compile_train_step(config, components, state_shardings, frozen_shardings, batch_sharding,
+                       replicated):
+    """jit with explicit shardings; the old state is donated, the frozen params are not."""
+    step_fn = functools.partial(train_step, components=components, config=config)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -40,9 +40,16 @@ def make_tiny_config(branches=("vis", "sem"), **overrides):
     config.train.update(dict(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
                              eval_every=4, image_every=2))
     config.eval.update(dict(batch_size=8, num_images=8, grid_images=4))
+    # The whole adversarial path within 4 steps: D trains from step 2, G sees it from step 3.
+    # LPIPS is off unless a test converts weights for it (tests/test_lpips.py).
+    config.gan.update(dict(start=3, disc_warmup_steps=1, ndf=16))
+    config.loss.perceptual_weight = 0.0
     for key, value in overrides.items():
-        section, name = key.split(".")
-        config[section][name] = value
+        *sections, name = key.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[name] = value
     return config
 
 
@@ -59,3 +66,24 @@ def trained_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
     result = train.train_and_evaluate(make_tiny_config(), str(workdir))
     return workdir, result
+
+
+def make_step(config, devices=None, frozen=None):
+    """(initial state, compiled train step, mesh) for `config` on `devices` (default: one)."""
+    import jax
+
+    from fqgan_jax import sharding
+    from fqgan_jax import train_state as ts
+    from fqgan_jax.train_step import compile_train_step
+
+    devices = list(devices or jax.devices()[:1])
+    config.mesh.shape = (len(devices),)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    frozen = {} if frozen is None else frozen
+    components = ts.make_components(config)
+    shardings = sharding.state_shardings(ts.abstract_state(config, components), mesh)
+    state = ts.create_train_state(config, components, shardings)
+    frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+    step = compile_train_step(config, components, shardings, frozen_shardings,
+                              sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    return state, step, mesh

@@ -17,9 +17,14 @@ from conftest import REPO
 
 
 def _final(workdir, config):
+    """The trained values of a run: tokenizer and discriminator params, D's BatchNorm
+    statistics and both optimizer states."""
     mesh = sharding.make_mesh(config.mesh)
     state = checkpointing.restore_latest_state(str(workdir), config, mesh)
-    return jax.device_get(state.params.to_pure_dict()), int(state.step)
+    assert state.disc is not None
+    trained = (state.params.to_pure_dict(), state.opt_state, state.disc.params.to_pure_dict(),
+               state.disc.batch_stats.to_pure_dict(), state.disc.opt_state)
+    return jax.device_get(trained), int(state.step)
 
 
 def _assert_same(params_a, params_b):
@@ -47,7 +52,8 @@ def _cli(workdir, num_steps):
             "--config.data.image_size=32", "--config.model.ch_mult=(1,2)",
             "--config.model.codebook_size=64", "--config.train.batch_size=8",
             "--config.eval.batch_size=8", "--config.eval.num_images=8",
-            "--config.data.num_workers=2"]
+            "--config.data.num_workers=2", "--config.gan.start=4",
+            "--config.gan.disc_warmup_steps=2", "--config.gan.ndf=16"]
 
 
 @pytest.mark.slow

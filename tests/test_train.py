@@ -10,20 +10,18 @@ import pytest
 
 from fqgan_jax import checkpointing, sharding, train
 from fqgan_jax import train_state as ts
-from fqgan_jax.train_step import compile_train_step
+
+from conftest import make_step
 
 
 def _step_on(config, devices, batch):
-    config.mesh.shape = (len(devices),)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    tx = ts.make_optimizer(config)
-    shardings = sharding.state_shardings(ts.abstract_state(config, tx), mesh)
-    state = ts.create_train_state(config, tx, shardings)
-    step = compile_train_step(config, ts.model_graphdef(config), tx, shardings,
-                              sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    state, step, mesh = make_step(config, devices)
+    state = state.replace(step=jnp.int32(config.gan.start))  # both G and D phases on
     inputs = sharding.to_global_batch(batch, sharding.batch_sharding(mesh))
-    new_state, metrics = step(state, inputs)
-    return jax.device_get(new_state.params.to_pure_dict()), jax.device_get(metrics)
+    new_state, metrics = step(state, inputs, {})
+    trained = (new_state.params.to_pure_dict(), new_state.disc.params.to_pure_dict(),
+               new_state.disc.batch_stats.to_pure_dict())
+    return jax.device_get(trained), jax.device_get(metrics)
 
 
 def _batch(config, seed=0):
@@ -38,7 +36,8 @@ def test_eight_devices_match_one(tiny_config):
     params_1, metrics_1 = _step_on(config, jax.devices()[:1], batch)
     params_8, metrics_8 = _step_on(config, jax.devices()[:8], batch)
     assert jax.device_count() == 8
-    for key in ("loss", "loss/reconstruction", "loss/codebook", "loss/entropy", "grad_norm"):
+    for key in ("loss", "loss/reconstruction", "loss/codebook", "loss/entropy", "grad_norm",
+                "loss/gan", "disc/loss", "disc/grad_norm"):
         np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-4, atol=1e-6)
     # Adam's first step is lr * g / |g|: an element whose gradient is ~0 may flip sign under
     # fp reordering and move by up to 2 * lr. All others must agree closely.
@@ -50,23 +49,18 @@ def test_eight_devices_match_one(tiny_config):
 
 def test_nonfinite_batch_skips_the_update(tiny_config):
     config = tiny_config()
-    mesh = sharding.make_mesh(config.mesh)
-    tx = ts.make_optimizer(config)
-    shardings = sharding.state_shardings(ts.abstract_state(config, tx), mesh)
-    state = ts.create_train_state(config, tx, shardings)
+    state, step, mesh = make_step(config)
     before = jax.device_get(state.params.to_pure_dict())
-    step = compile_train_step(config, ts.model_graphdef(config), tx, shardings,
-                              sharding.batch_sharding(mesh), sharding.replicated(mesh))
     bad = np.full((8, 32, 32, 3), np.nan, np.float32)
     state, metrics = step(state, sharding.to_global_batch({"image": bad},
-                                                          sharding.batch_sharding(mesh)))
+                                                          sharding.batch_sharding(mesh)), {})
     assert int(metrics["skipped"]) == 1 and int(state.nonfinite_streak) == 1
     assert int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params.to_pure_dict()),
                  before)
     good = _batch(config)["image"].astype(np.float32) / 127.5 - 1
     state, metrics = step(state, sharding.to_global_batch({"image": good},
-                                                          sharding.batch_sharding(mesh)))
+                                                          sharding.batch_sharding(mesh)), {})
     assert int(metrics["skipped"]) == 0 and int(state.nonfinite_streak) == 0
     assert int(state.nonfinite_total) == 1
 

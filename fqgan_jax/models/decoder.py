@@ -39,10 +39,13 @@ class Decoder(nnx.Module):
         self.norm_out = group_norm(widths[-1], dtype=dtype, rngs=rngs)
         self.conv_out = conv2d(widths[-1], out_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """`rngs` enables ResnetBlock dropout (only if config dropout > 0)."""
+    def features(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Everything before `conv_out`: its input, which the adaptive GAN weight needs."""
         h = apply_mid(self.mid, self.conv_in(z), rngs)
         for level in self.conv_blocks:
             h = level(h, rngs)
-        h = self.conv_out(swish(self.norm_out(h)))
-        return h.astype(jnp.float32)
+        return swish(self.norm_out(h))
+
+    def __call__(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """`rngs` enables ResnetBlock dropout (only if config dropout > 0)."""
+        return self.conv_out(self.features(z, rngs)).astype(jnp.float32)

@@ -93,9 +93,17 @@ class Tokenizer(nnx.Module):
 
     def decode_codes(self, codes: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Codes [B, h, w, k, d] -> images [B, H, W, 3], float32."""
+        return self.decoder(self._decoder_input(codes), rngs)
+
+    def decode_features(self, codes: jax.Array, *,
+                        rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Codes -> the input of `decoder.conv_out`; `decoder.conv_out` of it is the image."""
+        return self.decoder.features(self._decoder_input(codes), rngs)
+
+    def _decoder_input(self, codes: jax.Array) -> jax.Array:
         # Concatenation in branch order, as torch.cat([vis, sem, ...], dim=1) (spec §1.1).
         stacked = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
-        return self.decoder(self.post_quant_conv(stacked), rngs)
+        return self.post_quant_conv(stacked)
 
     def decode_indices(self, indices: jax.Array) -> jax.Array:
         """Indices int [B, h, w, k] -> images [B, H, W, 3], float32."""

@@ -1,0 +1,1 @@
+"""Command-line tools: converters from official PyTorch weights to fqgan_jax files."""

@@ -1,0 +1,117 @@
+"""Converts official PyTorch weights into fqgan_jax weights files (format: fqgan_jax.pretrained).
+
+    python -m fqgan_jax.tools.convert lpips --vgg16=vgg16-397923af.pth [--lin=vgg.pth] [--out=PATH]
+
+`lpips`: LPIPS-VGG16. --vgg16 is torchvision's ImageNet VGG16 state dict
+(https://download.pytorch.org/models/vgg16-397923af.pth), or an `lpips.LPIPS(net='vgg')`
+module's full state dict, which also holds the heads. --lin defaults to the heads file shipped
+inside the installed `lpips` package (weights/v0.1/vgg.pth). --out defaults to where training
+looks: $FQGAN_JAX_WEIGHTS_DIR/lpips_vgg16.npz, else ~/.cache/fqgan_jax/lpips_vgg16.npz.
+
+Only this conversion needs torch; training reads the .npz alone. (Subcommands to come: dinov2,
+clip, inception, tokenizer.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fqgan_jax import pretrained
+from fqgan_jax.models import lpips
+
+EXIT_USER_ERROR = 2  # as argparse's own usage errors
+
+
+def read_torch_state_dict(path: str, flag: str) -> dict[str, np.ndarray]:
+    """A .pth state dict as float32 numpy arrays; a {"state_dict": ...} wrapper is unwrapped."""
+    path = os.path.expanduser(path)  # `--vgg16=~/x.pth`: the shell leaves that ~ alone
+    if not os.path.isfile(path):
+        raise pretrained.PretrainedError(f"{flag}: {path} does not exist.")
+    try:
+        import torch  # noqa: PLC0415 (only this conversion needs torch)
+    except ImportError as error:
+        raise pretrained.PretrainedError(
+            "reading PyTorch .pth files needs torch (only for this conversion): "
+            "pip install torch") from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (torch raises many kinds for a bad file)
+        raise pretrained.PretrainedError(
+            f"{flag}: torch.load cannot read {path} ({type(error).__name__}); is it a .pth "
+            "state dict of tensors?") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise pretrained.PretrainedError(
+            f"{flag}: {path} holds a {type(state).__name__}, not a state dict of tensors.")
+    return {key: value.detach().to(torch.float32).numpy() for key, value in state.items()}
+
+
+def packaged_lpips_heads() -> str:
+    """weights/v0.1/vgg.pth of the installed `lpips` package, found without importing it (its
+    import pulls in torchvision, whose C extension may not load beside this torch)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise pretrained.PretrainedError(
+            "--lin not given and the lpips package is not installed: pip install lpips==0.1.4, "
+            "or pass --lin=PATH to its weights/v0.1/vgg.pth.")
+    return os.path.join(spec.submodule_search_locations[0], "weights", "v0.1", "vgg.pth")
+
+
+def convert_lpips(args: argparse.Namespace) -> None:
+    vgg_state = read_torch_state_dict(args.vgg16, "--vgg16")
+    has_heads = any(key.startswith("lin") for key in vgg_state)
+    if args.lin is None and has_heads:
+        lin_state = vgg_state  # an lpips.LPIPS state dict: its own heads
+    else:
+        if args.lin is not None and has_heads:
+            print(f"Using the heads of --lin={args.lin}, not those in --vgg16.")
+        lin_state = read_torch_state_dict(args.lin or packaged_lpips_heads(), "--lin")
+    params = lpips.convert_torch_state_dict(vgg_state, lin_state)
+    out = os.path.expanduser(args.out or pretrained.default_path(lpips.WEIGHTS_FILENAME))
+    try:
+        pretrained.save(out, params, kind=lpips.WEIGHTS_KIND)
+    except OSError as error:
+        raise pretrained.PretrainedError(f"--out: cannot write {out} ({error}).") from error
+    leaves = jax.tree.leaves(nnx.to_pure_dict(params))
+    print(f"Wrote {out}: {lpips.WEIGHTS_KIND}, {len(leaves)} arrays, "
+          f"{sum(leaf.size for leaf in leaves):,} parameters, "
+          f"{os.path.getsize(out) / 2**20:.1f} MiB.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fqgan_jax.tools.convert",
+        description="Convert official PyTorch weights into fqgan_jax weights files.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    lpips_parser = commands.add_parser("lpips", help="LPIPS-VGG16 (the perceptual loss)")
+    lpips_parser.add_argument("--vgg16", required=True,
+                              help="torchvision vgg16-397923af.pth, or an lpips.LPIPS state dict")
+    lpips_parser.add_argument("--lin", default=None,
+                              help="LPIPS heads (default: the lpips package's v0.1/vgg.pth)")
+    lpips_parser.add_argument("--out", default=None, help=(
+        f"output .npz (default: {pretrained.default_path(lpips.WEIGHTS_FILENAME)})"))
+    lpips_parser.set_defaults(run=convert_lpips)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one conversion; returns the exit status (2 for a user error, told on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except pretrained.PretrainedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
