@@ -327,11 +327,11 @@ def _shrink_for_cpu(config: ml_collections.ConfigDict) -> None:
         adapter_layers=min(config.model.adapter_layers, 1), adapter_heads=4,
         codebook_size=1024, dtype="float32"))
     config.optimizer.learning_rate = 1e-3
-    # LPIPS only if its converted weights are there; the GAN from an early step, so the whole
-    # adversarial path runs: D alone from step 60, the generator sees it from step 80.
+    # LPIPS only if its converted weights are there. The whole adversarial path runs: D alone
+    # from step 100, the generator sees it from step 150. A toy model meets the full-size D, so
+    # the GAN weight is Open-MAGVIT2's 0.1 (0.5 swamps 200 steps of reconstruction learning).
     config.loss.lpips_required = False
-    config.gan.update(dict(start=80, disc_warmup_steps=20))
-    config.gan.optimizer.learning_rate = 1e-3
+    config.gan.update(dict(weight=0.1, start=150, disc_warmup_steps=50))
     config.train.update(dict(
         batch_size=16, num_steps=200, log_every=25, checkpoint_every=100,
         eval_every=100, image_every=100, usage_window_steps=20))

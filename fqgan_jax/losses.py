@@ -40,6 +40,29 @@ def disentangle_loss(codes: jax.Array) -> jax.Array:
     return sum(terms) / len(pairs)
 
 
+def info_nce_loss(predicted: jax.Array, teacher: jax.Array, *, num_groups: int = 1,
+                  temperature: float = 1.0) -> jax.Array:
+    """Prediction -> teacher InfoNCE on CLS vectors (spec fqgan.md §3.3).
+
+    -mean_i log softmax_j(p_i · t_j / τ)_i with p, t l2-normalized (torch F.normalize, eps 1e-12)
+    and the teacher a constant. The batch [B, D] splits into `num_groups` contiguous groups that
+    are each other's negatives only: the official loss uses each GPU's local batch, so with the
+    batch sharded over the data axis, num_groups = the number of shards reproduces it; 1 uses the
+    whole global batch. Temperature 1 is the official value.
+    """
+    def unit(x):
+        x = x.astype(jnp.float32)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    batch, dim = predicted.shape
+    if batch % num_groups:
+        raise ValueError(f"InfoNCE: batch {batch} does not split into {num_groups} groups.")
+    p = unit(predicted).reshape(num_groups, batch // num_groups, dim)
+    t = jax.lax.stop_gradient(unit(teacher)).reshape(num_groups, batch // num_groups, dim)
+    logits = jnp.einsum("gid,gjd->gij", p, t) / temperature
+    return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1), axis1=-2, axis2=-1))
+
+
 def nll_loss(images: jax.Array, recon: jax.Array, loss_config: ml_collections.ConfigDict,
              perceptual_fn: Callable | None = None) -> tuple[jax.Array, dict]:
     """taming's `nll_loss`: weighted pixel (+ perceptual) loss, and the unweighted terms.

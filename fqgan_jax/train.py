@@ -103,22 +103,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _compile_with_report(run: Run, state):
-    """Compiles the step ahead of time and logs its device memory before the first step."""
+    """The phased train step; the program of the first step is compiled ahead of time and its
+    device memory logged before training starts. The programs of the later adversarial phases
+    compile when their first step comes (logged)."""
     config = run.config
-    jitted = compile_train_step(config, run.components, run.state_shardings,
-                                frozen_nets.shardings(run.frozen, run.mesh),
-                                sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
+    step_fn = compile_train_step(config, run.components, run.state_shardings,
+                                 frozen_nets.shardings(run.frozen, run.mesh),
+                                 sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
     size = config.data.image_size
     batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), np.uint8,
                                            sharding=sharding.batch_sharding(run.mesh))}
-    compiled = jitted.lower(state, batch, run.frozen).compile()
-    memory = compiled.memory_analysis()
+    step = int(jax.device_get(state.step))
+    memory = step_fn.compile_ahead(step, state, batch, run.frozen).memory_analysis()
     if memory is not None:
         gib = lambda n: n / 2**30  # noqa: E731
-        logging.info("train step memory per device: arguments %.2f GiB, outputs %.2f GiB, "
-                     "temporaries %.2f GiB", gib(memory.argument_size_in_bytes),
-                     gib(memory.output_size_in_bytes), gib(memory.temp_size_in_bytes))
-    return compiled
+        logging.info("train step (%s) memory per device: arguments %.2f GiB, outputs %.2f "
+                     "GiB, temporaries %.2f GiB", step_fn.phase(step),
+                     gib(memory.argument_size_in_bytes), gib(memory.output_size_in_bytes),
+                     gib(memory.temp_size_in_bytes))
+    return step_fn
 
 
 def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
@@ -134,7 +137,9 @@ def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
         meta["num_converted_images"] += int(batch["num_converted"])
         inputs = sharding.to_global_batch({"image": batch["image"]},
                                           sharding.batch_sharding(run.mesh))
-        state, metrics = step_fn(state, inputs, run.frozen)
+        if step_fn.phase(step) != step_fn.phase(step - 1):
+            logging.info("step %d: adversarial phase %s begins", step + 1, step_fn.phase(step))
+        state, metrics = step_fn.at(step)(state, inputs, run.frozen)
         step += 1
         if pending_streak is not None:  # read one step late so the device queue stays full
             _check_finite(int(pending_streak), config)

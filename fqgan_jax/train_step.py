@@ -1,9 +1,9 @@
-"""The pure train step, `train_step(state, batch, frozen) -> (state, metrics)`, and its compilation.
+"""The pure train step, `train_step(state, batch, frozen) -> (state, metrics)`, and its compiling.
 
 Design notes:
-- One compiled step holds both phases: the generator update, then the discriminator update on
-  the same reconstructions (spec fqgan.md §4.3 "training loop per step"); `adversarial.py` holds
-  the GAN half and its schedule.
+- One step holds both updates: the generator's, then the discriminator's on the same
+  reconstructions (spec fqgan.md §4.3 "training loop per step"). It is compiled once per
+  adversarial phase (no GAN / D warming up / full GAN), see `adversarial.py`.
 - Non-finite guard: a non-finite loss, gradient or updated parameter, in either phase, skips the
   whole update (params, optimizers, EMA, discriminator stay as they were); the step is counted. The outer loop stops the run
   after `max_nonfinite_steps` consecutive skips, so no bad state is ever checkpointed.
@@ -72,7 +72,8 @@ def _perceptual_fn(components: Components, frozen: dict, loss_config, rng):
     return perceptual
 
 
-def _generator_loss(params, state: TrainState, images, frozen, rng, *, components, config):
+def _generator_loss(params, state: TrainState, images, frozen, rng, *, components, config,
+                    gan_on: bool):
     """The tokenizer's total loss (spec fqgan.md §4.1) and (metrics, indices, reconstruction)."""
     model = merge_model(components.graphdef, params, state.model_state)
     dropout_rng, lpips_rng = jax.random.split(rng)
@@ -84,40 +85,49 @@ def _generator_loss(params, state: TrainState, images, frozen, rng, *, component
     perceptual_fn = _perceptual_fn(components, frozen, config.loss, lpips_rng)
     total, terms = losses.generator_loss(images, recon, quantized, config.loss, perceptual_fn)
     if state.disc is not None:
-        adaptive = None
-        if config.gan.adaptive_weight:
-            nll_fn = lambda r: losses.nll_loss(images, r, config.loss, perceptual_fn)[0]  # noqa: E731
-            adaptive = (nll_fn, nnx.split(model.decoder.conv_out), features)
-        weighted, terms["gan"], gan_weight = adversarial.generator_gan_term(
-            state.step, recon, disc_graphdef=components.disc_graphdef, disc_state=state.disc,
-            gan=config.gan, adaptive=adaptive)
+        zero = jnp.zeros((), jnp.float32)
+        weighted, terms["gan"], terms["generator_gan_weight"] = zero, zero, zero
+        if gan_on:
+            adaptive = None
+            if config.gan.adaptive_weight:
+                nll_fn = lambda r: losses.nll_loss(  # noqa: E731
+                    images, r, config.loss, perceptual_fn)[0]
+                adaptive = (nll_fn, nnx.split(model.decoder.conv_out), features)
+            weighted, terms["gan"], terms["generator_gan_weight"] = \
+                adversarial.generator_gan_term(
+                    recon, disc_graphdef=components.disc_graphdef, disc_state=state.disc,
+                    gan=config.gan, adaptive=adaptive)
         total = total + weighted
-        terms = {**terms, "generator_gan_weight": gan_weight}
     return total, ({f"loss/{k}": v for k, v in terms.items()}, quantized.indices, recon)
 
 
 def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Components,
-               config: ml_collections.ConfigDict):
+               config: ml_collections.ConfigDict, phase: adversarial.Phase):
     """One generator update, then one discriminator update on the same reconstructions.
 
     `frozen` holds the parameters of the frozen networks (LPIPS); it is read, never trained.
+    `phase` (static) says whether this step trains D and whether the generator sees the GAN.
     """
     images = images_to_float(batch["image"])
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(_generator_loss, has_aux=True)
     (loss, (loss_metrics, indices, recon)), grads = grad_fn(
-        state.params, state, images, frozen, rng, components=components, config=config)
+        state.params, state, images, frozen, rng, components=components, config=config,
+        gan_on=phase.generator)
     updates, new_opt_state = components.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
 
     new_disc, disc_metrics = state.disc, {}
     if state.disc is not None:
-        new_disc, disc_metrics = adversarial.discriminator_update(
-            state.step, state.disc, images, recon, disc_graphdef=components.disc_graphdef,
-            disc_tx=components.disc_tx, gan=config.gan)
-        finite &= jnp.isfinite(disc_metrics["disc/loss"]) & _all_finite(
-            (new_disc.params, new_disc.batch_stats))
+        disc_metrics = {name: jnp.zeros((), jnp.float32) for name in adversarial.DISC_METRICS}
+        if phase.discriminator:
+            new_disc, disc_metrics = adversarial.discriminator_update(
+                state.disc, images, recon, disc_graphdef=components.disc_graphdef,
+                disc_tx=components.disc_tx, gan=config.gan)
+            finite &= jnp.isfinite(disc_metrics["disc/loss"]) & _all_finite(
+                (new_disc.params, new_disc.batch_stats))
+        disc_metrics["disc/active"] = jnp.int32(phase.discriminator)
 
     ema = state.ema_params
     if ema is not None:
@@ -151,9 +161,42 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Comp
     return new_state, metrics
 
 
+class PhasedTrainStep:
+    """The train step compiled per adversarial phase: `at(step)` is the program for the update
+    after `step` updates. Each phase's program is jitted with explicit shardings, donates the old
+    state (not the frozen params), and is compiled the first time it is needed."""
+
+    def __init__(self, config, components, state_shardings, frozen_shardings, batch_sharding,
+                 replicated):
+        self.config = config
+        self._jit = functools.partial(
+            jax.jit, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+            out_shardings=(state_shardings, replicated), donate_argnums=0)
+        self._components = components
+        self._programs = {}
+
+    def phase(self, step: int) -> adversarial.Phase:
+        with_gan = self._components.disc_graphdef is not None
+        return adversarial.phase(step, self.config.gan if with_gan else None)
+
+    def at(self, step: int):
+        phase = self.phase(step)
+        if phase not in self._programs:
+            self._programs[phase] = self._jitted(phase)
+        return self._programs[phase]
+
+    def compile_ahead(self, step: int, *args):
+        """Compiles the program of `step` for `args` now, and keeps it; returns it."""
+        compiled = self._jitted(self.phase(step)).lower(*args).compile()
+        self._programs[self.phase(step)] = compiled
+        return compiled
+
+    def _jitted(self, phase: adversarial.Phase):
+        return self._jit(functools.partial(train_step, components=self._components,
+                                           config=self.config, phase=phase))
+
+
 def compile_train_step(config, components, state_shardings, frozen_shardings, batch_sharding,
-                       replicated):
-    """jit with explicit shardings; the old state is donated, the frozen params are not."""
-    step_fn = functools.partial(train_step, components=components, config=config)
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+                       replicated) -> PhasedTrainStep:
+    return PhasedTrainStep(config, components, state_shardings, frozen_shardings,
+                           batch_sharding, replicated)

@@ -42,7 +42,7 @@ def make_tiny_config(branches=("vis", "sem"), **overrides):
     config.eval.update(dict(batch_size=8, num_images=8, grid_images=4))
     # The whole adversarial path within 4 steps: D trains from step 2, G sees it from step 3.
     # LPIPS is off unless a test converts weights for it (tests/test_lpips.py).
-    config.gan.update(dict(start=3, disc_warmup_steps=1, ndf=16))
+    config.gan.update(dict(weight=0.5, start=3, disc_warmup_steps=1, ndf=16))
     config.loss.perceptual_weight = 0.0
     for key, value in overrides.items():
         *sections, name = key.split(".")

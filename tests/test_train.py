@@ -18,7 +18,7 @@ def _step_on(config, devices, batch):
     state, step, mesh = make_step(config, devices)
     state = state.replace(step=jnp.int32(config.gan.start))  # both G and D phases on
     inputs = sharding.to_global_batch(batch, sharding.batch_sharding(mesh))
-    new_state, metrics = step(state, inputs, {})
+    new_state, metrics = step.at(config.gan.start)(state, inputs, {})
     trained = (new_state.params.to_pure_dict(), new_state.disc.params.to_pure_dict(),
                new_state.disc.batch_stats.to_pure_dict())
     return jax.device_get(trained), jax.device_get(metrics)
@@ -52,14 +52,14 @@ def test_nonfinite_batch_skips_the_update(tiny_config):
     state, step, mesh = make_step(config)
     before = jax.device_get(state.params.to_pure_dict())
     bad = np.full((8, 32, 32, 3), np.nan, np.float32)
-    state, metrics = step(state, sharding.to_global_batch({"image": bad},
+    state, metrics = step.at(0)(state, sharding.to_global_batch({"image": bad},
                                                           sharding.batch_sharding(mesh)), {})
     assert int(metrics["skipped"]) == 1 and int(state.nonfinite_streak) == 1
     assert int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params.to_pure_dict()),
                  before)
     good = _batch(config)["image"].astype(np.float32) / 127.5 - 1
-    state, metrics = step(state, sharding.to_global_batch({"image": good},
+    state, metrics = step.at(1)(state, sharding.to_global_batch({"image": good},
                                                           sharding.batch_sharding(mesh)), {})
     assert int(metrics["skipped"]) == 0 and int(state.nonfinite_streak) == 0
     assert int(state.nonfinite_total) == 1

@@ -86,6 +86,17 @@ class ResidualAttentionBlock(nnx.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def resize_positions(table: jax.Array, grid_size: int, height: int, width: int) -> jax.Array:
+    """A [grid_size², C] positional table for a grid_size² token grid -> [h*w, C] for an h x w
+    grid, bilinearly resized (half-pixel centres, no antialias) when the grid differs."""
+    if (height, width) == (grid_size, grid_size):
+        return table
+    grid = table.reshape(grid_size, grid_size, -1)
+    resized = jax.image.resize(grid, (height, width, grid.shape[-1]), method="bilinear",
+                               antialias=False)
+    return resized.reshape(height * width, -1)
+
+
 class FactorizedAdapter(nnx.Module):
     """Transformer adapter over a [B, h, w, width] feature map; returns the same shape."""
 
@@ -104,13 +115,7 @@ class FactorizedAdapter(nnx.Module):
 
     def positions(self, height: int, width: int) -> jax.Array:
         """The positional table for an h x w token grid, [h*w, C], float32."""
-        table = self.positional_embedding[...]
-        if (height, width) == (self.grid_size, self.grid_size):
-            return table
-        grid = table.reshape(self.grid_size, self.grid_size, -1)
-        resized = jax.image.resize(grid, (height, width, grid.shape[-1]), method="bilinear",
-                                   antialias=False)
-        return resized.reshape(height * width, -1)
+        return resize_positions(self.positional_embedding[...], self.grid_size, height, width)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
