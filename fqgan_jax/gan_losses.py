@@ -2,7 +2,8 @@
 
 Pure functions of arrays, usable inside a jitted step. All reduce in float32 whatever the logits'
 dtype. Sources:
-- hinge D/G losses, `discriminator_weight`: LlamaGen/taming `vq_loss.py` (spec fqgan.md §4.1);
+- hinge D/G losses: LlamaGen/taming `vq_loss.py` (spec fqgan.md §4.1); the schedule that
+  switches them on is `adversarial.phase`;
 - non-saturating G loss, LeCam: Open-MAGVIT2 `vqperceptual.py` (spec large_codebooks.md §C.3);
 - `adaptive_generator_weight`: taming's `calculate_adaptive_weight` (VQGAN-LC, spec
   large_codebooks.md §A.5; present but unused in FQGAN, spec fqgan.md §4.1).
@@ -91,16 +92,3 @@ def adaptive_generator_weight(nll_grads, gan_grads, max_weight: float = 1e4,
     """
     ratio = _global_norm(nll_grads) / (_global_norm(gan_grads) + eps)
     return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, max_weight))
-
-
-def discriminator_weight(step, disc_start: int, weight: float) -> jax.Array:
-    """The GAN weight of this step: 0 before `disc_start`, `weight` from it on (taming
-    `adopt_weight`), for both the generator's GAN term and the discriminator loss.
-
-    `step` is the number of updates done before this one (0 on the first step; TrainState.step).
-    The official loop passes global_step = step + 1 (spec fqgan.md §4.1) and zeroes the weight
-    while global_step < disc_start, so the first weighted update is step = disc_start - 1,
-    i.e. the disc_start-th update. Works on Python ints and traced int arrays alike.
-    """
-    global_step = jnp.asarray(step) + 1
-    return jnp.where(global_step >= disc_start, jnp.float32(weight), jnp.float32(0.0))

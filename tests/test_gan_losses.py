@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fqgan_jax import gan_losses
+from fqgan_jax import adversarial, config_lib, gan_losses
 
 REAL = jnp.array([[2.0, 0.5], [-1.0, 1.0]])  # shaped like [B, h] patch logits
 FAKE = jnp.array([[-2.0, 0.5], [1.0, -0.25]])
@@ -113,20 +113,24 @@ def test_adaptive_weight_on_gradients_of_a_shared_last_layer():
 
 
 @pytest.mark.parametrize("step, expected", [
-    (0, 0.0), (19_998, 0.0),  # global_step = step + 1 < 20000
-    (19_999, 0.5),  # global_step 20000: the 20000th update is the first weighted one
-    (20_000, 0.5), (199_999, 0.5),
+    (0, False), (19_998, False),  # global_step = step + 1 < 20000
+    (19_999, True),  # global_step 20000: the 20000th update is the first with the GAN
+    (20_000, True), (199_999, True),
 ])
-def test_discriminator_weight_around_disc_start(step, expected):
-    """spec fqgan.md §4.1: disc_weight 0.5, disc_start 20000, global_step = step + 1."""
-    weight = gan_losses.discriminator_weight(step, disc_start=20_000, weight=0.5)
-    assert weight.dtype == jnp.float32 and float(weight) == expected
+def test_gan_phase_around_disc_start(step, expected):
+    """spec fqgan.md §4.1: disc_start 20000, global_step = step + 1; no warm-up: D and the
+    generator's GAN term start together."""
+    gan = config_lib.base_config().gan
+    assert adversarial.phase(step, gan) == adversarial.Phase(expected, expected)
 
 
-def test_discriminator_weight_under_jit_and_from_step_zero():
-    weights = jax.jit(jax.vmap(lambda s: gan_losses.discriminator_weight(s, 3, 0.1)))(
-        jnp.arange(5, dtype=jnp.int32))
-    np.testing.assert_allclose(weights, [0.0, 0.0, 0.1, 0.1, 0.1])
-    # disc_start 0 (Open-MAGVIT2): active from the very first step.
-    assert float(gan_losses.discriminator_weight(0, disc_start=0, weight=0.1)) == \
-        pytest.approx(0.1)
+def test_gan_phase_warmup_zero_weight_and_start_zero():
+    gan = config_lib.base_config().gan
+    gan.update(dict(start=10, disc_warmup_steps=4))
+    phases = [adversarial.phase(step, gan) for step in (4, 5, 8, 9)]
+    assert phases == [adversarial.Phase(False, False), adversarial.Phase(True, False),
+                      adversarial.Phase(True, False), adversarial.Phase(True, True)]
+    gan.start, gan.disc_warmup_steps = 0, 0  # Open-MAGVIT2: from the very first step
+    assert adversarial.phase(0, gan) == adversarial.Phase(True, True)
+    gan.weight = 0.0  # no GAN at all
+    assert adversarial.phase(10**6, gan) == adversarial.Phase(False, False)
