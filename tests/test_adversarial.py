@@ -32,6 +32,9 @@ def _assert_differ(a, b):
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+PHASED = {"gan.start": 3, "gan.disc_warmup_steps": 1}  # all three phases within 3 steps
+
+
 class Stepper:
     """One compiled step of a config on one device, and fresh initial states for it."""
 
@@ -60,8 +63,8 @@ class Stepper:
 
 @pytest.fixture(scope="module")
 def stepper():
-    """The tiny default: D trains from step 2, the generator's GAN term is on from step 3."""
-    return Stepper(make_tiny_config())
+    """D trains from step 2, the generator's GAN term is on from step 3."""
+    return Stepper(make_tiny_config(**PHASED))
 
 
 def test_schedule_warmup_then_generator(stepper):
@@ -182,11 +185,11 @@ def test_no_discriminator_compute_before_its_start(tiny_config):
     pass through D and back."""
     from fqgan_jax.train_step import train_step
 
-    config = tiny_config()
+    config = tiny_config(**PHASED)
     components = ts.make_components(config)
     state = ts.initial_state(config, components, jax.random.key(0))
     counts = []
-    for step in (0, 1, 2):  # tiny default: D from step 2, the GAN term from step 3 (1-based)
+    for step in (0, 1, 2):  # D from step 2, the GAN term from step 3 (1-based)
         phase = adversarial.phase(step, config.gan)
         jaxpr = jax.make_jaxpr(lambda s, b, phase=phase: train_step(
             s, b, {}, components=components, config=config, phase=phase))(state, _batch(config))
@@ -258,10 +261,11 @@ def test_adaptive_weight_equals_the_full_gradient_ratio(tiny_config):
 
 
 def test_adaptive_weight_trains(tiny_config):
-    _, history = Stepper(tiny_config(**{"gan.adaptive_weight": True})).run(3)
+    _, history = Stepper(tiny_config(**{"gan.adaptive_weight": True})).run(2)
     weights = [float(m["loss/generator_gan_weight"]) for m in history]
-    assert weights[:2] == [0, 0] and np.isfinite(weights[2]) and weights[2] > 0
-    assert weights[2] != 0.5  # 0.5 x the gradient ratio
+    assert all(np.isfinite(weights)) and min(weights) > 0
+    assert 0.5 not in weights  # 0.5 x the gradient ratio
+    assert all(int(m["skipped"]) == 0 for m in history)
 
 
 def test_lecam_term_by_hand(tiny_config):

@@ -52,8 +52,8 @@ def _cli(workdir, num_steps):
             "--config.data.image_size=32", "--config.model.ch_mult=(1,2)",
             "--config.model.codebook_size=64", "--config.train.batch_size=8",
             "--config.eval.batch_size=8", "--config.eval.num_images=8",
-            "--config.data.num_workers=2", "--config.gan.start=4",
-            "--config.gan.disc_warmup_steps=2", "--config.gan.ndf=16"]
+            "--config.data.num_workers=2", "--config.gan.start=1",
+            "--config.gan.disc_warmup_steps=0", "--config.gan.ndf=16"]
 
 
 @pytest.mark.slow
