@@ -5,8 +5,9 @@ Design notes:
   reconstructions (spec fqgan.md §4.3 "training loop per step"). It is compiled once per
   adversarial phase (no GAN / D warming up / full GAN), see `adversarial.py`.
 - Non-finite guard: a non-finite loss, gradient or updated parameter, in either phase, skips the
-  whole update (params, optimizers, EMA, discriminator stay as they were); the step is counted. The outer loop stops the run
-  after `max_nonfinite_steps` consecutive skips, so no bad state is ever checkpointed.
+  whole update (params, optimizers, EMA, discriminator stay as they were); the step is counted.
+  The outer loop stops the run after `max_nonfinite_steps` consecutive skips, so no bad state is
+  ever checkpointed.
 - Codebook health is computed on the global batch (jit semantics over sharded arrays), so the
   numbers are already reduced across devices and hosts.
 - Running usage keeps, per code, the last step it was assigned; usage = share of codes seen in the
