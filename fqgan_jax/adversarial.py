@@ -34,10 +34,10 @@ class Phase:
     generator: bool  # the GAN term in the generator's loss
 
 
-def phase(step: int, gan: ml_collections.ConfigDict | None) -> Phase:
-    """The phase of the update after `step` updates (TrainState.step); no GAN if `gan` is None
-    or its weight is 0."""
-    if gan is None or gan.weight <= 0:
+def phase(step: int, gan: ml_collections.ConfigDict) -> Phase:
+    """The phase of the update after `step` updates (TrainState.step); no GAN if its weight is
+    0 (then the state has no discriminator either)."""
+    if gan.weight <= 0:
         return Phase(False, False)
     global_step = step + 1  # the official loop's global_step
     return Phase(discriminator=global_step >= gan.start - gan.disc_warmup_steps,

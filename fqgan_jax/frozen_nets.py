@@ -56,9 +56,9 @@ def load(config: ml_collections.ConfigDict, mesh) -> dict:
     """{name: params} of every frozen network the resolved config uses, replicated on `mesh`."""
     frozen = {}
     if config.loss.perceptual_weight > 0:
-        module = lpips.load_lpips(lpips_path(config.loss), dtype=config.model.dtype)
-        frozen["lpips"] = nnx.state(module, nnx.Param)
-        logging.info("LPIPS weights: %s", lpips_path(config.loss))
+        path = lpips_path(config.loss)
+        frozen["lpips"] = nnx.state(lpips.load_lpips(path, dtype=config.model.dtype), nnx.Param)
+        logging.info("LPIPS weights: %s", path)
     return jax.device_put(frozen, sharding.replicated(mesh))
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from fqgan_jax.models import Tokenizer
 from fqgan_jax.models.discriminator import PatchDiscriminator
-from fqgan_jax.models.lpips import LPIPS
+from fqgan_jax.models import lpips
 
 # Codes never assigned carry this "last seen" step, far outside any usage window.
 NEVER_SEEN = -(2**30)
@@ -106,7 +106,7 @@ def make_components(config: ml_collections.ConfigDict) -> Components:
         disc_graphdef=_graphdef(lambda r: create_discriminator(config, r)) if with_gan else None,
         disc_tx=make_optimizer(config.gan.optimizer, config.train.num_steps)
         if with_gan else None,
-        lpips_graphdef=_graphdef(lambda r: LPIPS(dtype=config.model.dtype, rngs=r))
+        lpips_graphdef=lpips.abstract_params(config.model.dtype)[0]
         if config.loss.perceptual_weight > 0 else None)
 
 

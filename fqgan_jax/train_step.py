@@ -177,8 +177,7 @@ class PhasedTrainStep:
         self._programs = {}
 
     def phase(self, step: int) -> adversarial.Phase:
-        with_gan = self._components.disc_graphdef is not None
-        return adversarial.phase(step, self.config.gan if with_gan else None)
+        return adversarial.phase(step, self.config.gan)
 
     def at(self, step: int):
         phase = self.phase(step)

@@ -73,7 +73,7 @@ def make_step(config, devices=None, frozen=None):
     """(initial state, compiled train step, mesh) for `config` on `devices` (default: one)."""
     import jax
 
-    from fqgan_jax import sharding
+    from fqgan_jax import frozen_nets, sharding
     from fqgan_jax import train_state as ts
     from fqgan_jax.train_step import compile_train_step
 
@@ -84,7 +84,6 @@ def make_step(config, devices=None, frozen=None):
     components = ts.make_components(config)
     shardings = sharding.state_shardings(ts.abstract_state(config, components), mesh)
     state = ts.create_train_state(config, components, shardings)
-    frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
-    step = compile_train_step(config, components, shardings, frozen_shardings,
+    step = compile_train_step(config, components, shardings, frozen_nets.shardings(frozen, mesh),
                               sharding.batch_sharding(mesh), sharding.replicated(mesh))
     return state, step, mesh
