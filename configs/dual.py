@@ -1,14 +1,17 @@
-"""FQGAN-Dual: [vis, sem] sub-codebooks of 16384 x 8, each with its own adapter branch.
+"""FQGAN-Dual: [vis, sem] sub-codebooks of 16384 x 8, each with its own adapter branch; `sem` is
+taught by CLIP ViT-L/14 (InfoNCE on its CLS feature, spec fqgan.md §3).
 
-Official recipe (spec fqgan.md §4.3): Adam(0.9, 0.95) lr 2e-4, global batch 256, ~200k steps,
-L2 + VQ (beta 0.25) + entropy 0.03 + disentanglement 0.1. The CLIP teacher of the `sem` branch,
-LPIPS and the GAN join in later releases.
+Official recipe (spec §4.3): Adam(0.9, 0.95) lr 2e-4, global batch 256, ~200k steps, L2 + LPIPS
++ VQ (beta 0.25) + entropy 0.03 + disentanglement 0.1 + InfoNCE 0.5 + hinge GAN 0.5 from step
+20k. The teacher is read from ~/.cache/fqgan_jax/clip-vit-large-patch14 unless
+--config.teachers.sem.path says otherwise (README: "Teacher weights").
 
 Full ImageNet recipe:
   python -m fqgan_jax.main --config=configs/dual.py --workdir=/path/to/workdir
 8x downsampling:
   python -m fqgan_jax.main --config=configs/dual.py:ds8 --workdir=/path/to/workdir
-CPU smoke run on the photos bundled with scikit-image (a few minutes on 2 cores):
+CPU smoke run on the photos bundled with scikit-image (a few minutes on 2 cores; a small
+random-init CLIP stands in for the teacher):
   python -m fqgan_jax.main --config=configs/dual.py:smoke --workdir=/tmp/dual_smoke
 """
 
@@ -19,4 +22,5 @@ def get_config(arg=None):
     preset = config_lib.preset(arg, ("", "ds8", "smoke"))
     config = config_lib.base_config()
     config.model.branches = ("vis", "sem")
+    config.teachers.sem = config_lib.teacher("clip_vit_l14")
     return config_lib.apply_preset(config, preset)

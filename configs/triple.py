@@ -1,7 +1,9 @@
 """FQGAN-Triple: [vis, sem_mid, sem_high] sub-codebooks of 16384 x 8 (spec fqgan.md §1).
 
-Same recipe as Dual; the disentanglement loss averages the three pairs (spec §2). The DINOv2
-(sem_mid) and CLIP (sem_high) teachers join in a later release.
+Same recipe as Dual; the disentanglement loss averages the three pairs (spec §2). sem_mid is
+taught by DINOv2 ViT-S/14 and sem_high by CLIP ViT-B/16 (spec §3.1), read from
+~/.cache/fqgan_jax/{dinov2-small,clip-vit-base-patch16} unless --config.teachers.<b>.path says
+otherwise. The smoke preset uses small random-init towers of the same families.
 
 Full ImageNet recipe:
   python -m fqgan_jax.main --config=configs/triple.py --workdir=/path/to/workdir
@@ -16,4 +18,6 @@ def get_config(arg=None):
     preset = config_lib.preset(arg, ("", "ds8", "smoke"))
     config = config_lib.base_config()
     config.model.branches = ("vis", "sem_mid", "sem_high")
+    config.teachers.sem_mid = config_lib.teacher("dinov2_s14")
+    config.teachers.sem_high = config_lib.teacher("clip_vit_b16")
     return config_lib.apply_preset(config, preset)

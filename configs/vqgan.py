@@ -20,6 +20,7 @@ def get_config(arg=None):
     config.model.adapter_layers = 0
     config.loss.entropy_weight = 0.0
     config.loss.disentangle_weight = 0.0  # one codebook: nothing to disentangle
+    config.loss.semantic_weight = 0.0  # no teacher
     config.optimizer.learning_rate = 1e-4
     config.train.batch_size = 128
     config.train.num_steps = 400_000  # 40 epochs of 1,281,167 images at 128

@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fqgan_jax import sharding, train_state
+from fqgan_jax import config_lib, sharding, train_state
 
 
 class CheckpointError(RuntimeError):
@@ -88,9 +88,12 @@ def check_config_matches(workdir: str, config) -> None:
 
 
 def _architecture(config: dict) -> dict:
-    """What a checkpoint's shapes depend on: the model, and the discriminator if any."""
+    """What a checkpoint's shapes depend on: the model with its teacher heads, and the
+    discriminator if any."""
     arch = {f"config.model.{key}": value for key, value in config.get("model", {}).items()
             if key != "dtype"}
+    arch["feature-prediction heads (config.teachers, loss.semantic_weight > 0)"] = \
+        config_lib.taught_branches(config_lib.config_from_dict(config))
     gan = config.get("gan", {})
     arch["discriminator (config.gan.weight > 0)"] = gan.get("weight", 0) > 0
     if arch["discriminator (config.gan.weight > 0)"]:

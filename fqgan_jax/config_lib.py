@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",  # compute dtype; params and the quantizer stay float32
     ))
 
-    # Generator objective (spec fqgan.md §4.1). Teacher terms come later.
+    # Generator objective (spec fqgan.md §4.1).
     config.loss = ml_collections.ConfigDict(dict(
         reconstruction="l2",  # "l2" (official) or "l1"
         reconstruction_weight=1.0,
@@ -56,7 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
         commitment_beta=0.25,
         entropy_weight=0.03,
         disentangle_weight=0.1,  # λ of spec §2; averaged over sub-codebook pairs
+        semantic_weight=0.5,  # InfoNCE per taught branch (spec §3.3); 0 = no teachers at all
+        infonce_negatives="shard",  # "shard": each device's batch, as the official per-GPU
+        # loss; "global": the whole batch
+        infonce_temperature=1.0,  # official: 1 (plain cosine logits)
     ))
+
+    # Frozen teachers of representation learning, one per taught branch (spec fqgan.md §3.1):
+    # config.teachers.<branch> = teacher(kind, path). Empty here; configs/dual.py and triple.py
+    # add theirs. Kinds are in fqgan_jax/teachers.py; path "" looks in the weights dir.
+    config.teachers = ml_collections.ConfigDict()
 
     # PatchGAN and its losses (spec fqgan.md §4.1-4.2). Steps count updates from 1, as the
     # official global_step = step + 1.
@@ -126,11 +135,31 @@ def base_config() -> ml_collections.ConfigDict:
         grid_images=8,
         ssim_data_range=1.0,  # the official code used 2.0 on [0, 1] images (spec §5.1)
         legacy_uint8_offset=False,  # True: official clamp(127.5 x + 128) conversion
+        # FQGAN Figures 3-4 (fqgan_jax/codebook_analysis.py), written with every eval:
+        single_codebook_images=8,  # rows of the original | all | only-i grid; 0 = none
+        single_codebook_fill="zeros",  # what replaces the other sub-codes: "zeros" | "mean"
+        tsne_points=2000,  # codebook entries per sub-codebook in the t-SNE plot; 0 = no plot
+        tsne_used_only=False,  # True: only codes used on the eval set
     ))
 
-    # Device mesh; -1 takes the remaining devices.
-    config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",)))
+    # Device mesh; -1 takes the remaining devices. shard_frozen splits each big frozen weight
+    # (teachers, LPIPS) over the devices instead of keeping a full copy on each.
+    config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",), shard_frozen=False))
     return config
+
+
+def teacher(kind: str, path: str = "") -> ml_collections.ConfigDict:
+    """One `config.teachers.<branch>` entry: a kind of fqgan_jax/teachers.py and where its
+    Hugging Face snapshot is ("" = $FQGAN_JAX_WEIGHTS_DIR/<repo name>, else ~/.cache/fqgan_jax)."""
+    return ml_collections.ConfigDict(dict(kind=kind, path=path))
+
+
+def taught_branches(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """{branch: teacher kind} of the branches trained against a teacher, in branch order; empty
+    when config.loss.semantic_weight is 0 (then no head is built and no teacher loaded)."""
+    if config.loss.semantic_weight <= 0:
+        return {}
+    return {b: config.teachers[b].kind for b in config.model.branches if b in config.teachers}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,6 +182,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     """Rebuilds a config saved as JSON (a run's config.json) on top of the current schema."""
     config = base_config()
+    for branch, entry in saved.get("teachers", {}).items():  # keyed by branch: not in the schema
+        config.teachers[branch] = teacher(**entry)
     for key in flat_keys(config):
         section, _, name = key.rpartition(".")
         value = saved
@@ -221,6 +252,8 @@ _CHOICES = {
     "gan.generator_loss": ("hinge", "non_saturating", "non_saturating_per_image"),
     "data.source": ("tfds", "folder", "photos"),
     "data.augment": ("adm", "crop"),
+    "loss.infonce_negatives": ("shard", "global"),
+    "eval.single_codebook_fill": ("zeros", "mean"),
 }
 
 
@@ -253,6 +286,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not 0 <= config.optimizer.ema_decay < 1:
         problems.append("config.optimizer.ema_decay must be in [0, 1).")
     problems += _gan_problems(config.gan)
+    problems += _teacher_problems(config, num_devices)
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -297,6 +331,36 @@ def _gan_problems(gan):
     return problems
 
 
+def _teacher_problems(config, num_devices):
+    from fqgan_jax import teachers  # noqa: PLC0415 (the registry imports the models)
+
+    problems = []
+    for branch, entry in config.teachers.items():
+        where = f"config.teachers.{branch}"
+        if set(entry.keys()) != {"kind", "path"}:
+            problems.append(f"{where} must be config_lib.teacher(kind, path), got keys "
+                            f"{sorted(entry.keys())}.")
+            continue
+        if branch not in config.model.branches:
+            problems.append(f"{where}: {branch!r} is not one of config.model.branches="
+                            f"{tuple(config.model.branches)}.")
+        if entry.kind not in teachers.KINDS:
+            problems.append(f"{where}.kind={entry.kind!r} is unknown; kinds: "
+                            f"{', '.join(sorted(teachers.KINDS))}.")
+        elif teachers.kind(entry.kind).is_random and entry.path:
+            problems.append(f"{where}.kind={entry.kind!r} is a random-init tower and takes no "
+                            f"weights; clear {where}.path or pick a pretrained kind.")
+    if config.loss.infonce_temperature <= 0:
+        problems.append("config.loss.infonce_temperature must be > 0.")
+    per_device = config.train.batch_size // max(num_devices, 1)
+    if taught_branches(config) and config.loss.infonce_negatives == "shard" and per_device < 2:
+        problems.append(f"config.loss.infonce_negatives='shard' needs at least 2 images per "
+                        f"device for negatives; train.batch_size={config.train.batch_size} on "
+                        f"{num_devices} devices gives {per_device}. Raise the batch or use "
+                        "'global'.")
+    return problems
+
+
 def _batch_problems(config, num_devices):
     problems = []
     for key in ("train.batch_size", "eval.batch_size"):
@@ -331,6 +395,9 @@ def _shrink_for_cpu(config: ml_collections.ConfigDict) -> None:
     # from step 100, the generator sees it from step 150. A toy model meets the full-size D, so
     # the GAN weight is Open-MAGVIT2's 0.1 (0.5 swamps 200 steps of reconstruction learning).
     config.loss.lpips_required = False
+    # Small random-init towers of the same family stand in for the teachers (logged as such).
+    for entry in config.teachers.values():
+        entry.update(dict(kind=entry.kind.split("_")[0] + "_tiny", path=""))
     config.gan.update(dict(weight=0.1, start=150, disc_warmup_steps=50))
     config.train.update(dict(
         batch_size=16, num_steps=200, log_every=25, checkpoint_every=100,

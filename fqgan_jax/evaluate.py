@@ -5,7 +5,9 @@ and converted to uint8; PSNR with data range 1 on [0, 1] images, averaged per im
 skimage's defaults and `config.eval.ssim_data_range` (1.0; the official code used 2.0). Usage is
 exact: the number of distinct codes assigned over the whole eval set divided by K, per
 sub-codebook. Results go to `WORKDIR/eval/<step>.json` with a PNG grid of originals (top row)
-above reconstructions (bottom row).
+above reconstructions (bottom row), and the per-sub-codebook analysis of FQGAN's Figures 3 and 4
+(`codebook_analysis.py`): `<step>_single_codebook.png` (columns original | all | only-i, k > 1)
+and `<step>_tsne.png`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from fqgan_jax import (checkpointing, config_lib, data, image_grid, image_metrics, quantize,
-                       sharding)
+from fqgan_jax import (checkpointing, codebook_analysis, config_lib, data, image_grid,
+                       image_metrics, quantize, sharding)
 from fqgan_jax.train_step import images_to_float
 from fqgan_jax.train_state import merge_model, model_graphdef
 
@@ -50,15 +52,33 @@ def compile_eval_step(config, graphdef, mesh):
     return jax.jit(step, out_shardings=out)
 
 
+def analysis_step(params, model_state, images, *, graphdef, config):
+    """Single-sub-codebook reconstructions of `images` (uint8 [k+1, B, H, W, 3]) and the
+    codebook as the decoder sees it ([k, K, d])."""
+    single = codebook_analysis.single_codebook_step(
+        params, model_state, images, graphdef=graphdef, fill=config.eval.single_codebook_fill,
+        legacy_offset=config.eval.legacy_uint8_offset)
+    codebook = codebook_analysis.decoder_codebook(merge_model(graphdef, params, model_state),
+                                                  as_numpy=False)
+    return {"single": single, "codebook": codebook}
+
+
+def compile_analysis_step(config, graphdef, mesh):
+    step = functools.partial(analysis_step, graphdef=graphdef, config=config)
+    return jax.jit(step, out_shardings={"single": sharding.replicated(mesh),
+                                        "codebook": sharding.replicated(mesh)})
+
+
 def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: str,
-             writer=None) -> dict:
-    """Runs `eval_fn` over the eval split; writes JSON, PNG grid and scalars; returns results."""
+             writer=None, analysis_fn=None) -> dict:
+    """Runs `eval_fn` over the eval split; writes JSON, PNG grid and scalars; returns results.
+    With `analysis_fn` (compile_analysis_step), also the Figure 3 grid and Figure 4 t-SNE."""
     per_process = config.eval.batch_size // jax.process_count()
     batches = data.make_eval_batches(
         config.data, batch_size=per_process, num_images=config.eval.num_images or None,
         process_index=jax.process_index(), process_count=jax.process_count())
     totals = {"psnr": 0.0, "ssim": 0.0, "n": 0}
-    counts, grid = None, None
+    counts, grid, first = None, None, None
     for batch in batches:
         inputs = sharding.to_global_batch(
             {"image": batch["image"], "mask": batch["mask"]}, sharding.batch_sharding(mesh))
@@ -69,6 +89,7 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
             totals[name] += float(np.sum(np.asarray(jax.device_get(out[name]), np.float64)[mask]))
         totals["n"] += int(mask.sum())
         if grid is None:
+            first = inputs
             grid = _grid(np.asarray(jax.device_get(inputs["image"])),
                          np.asarray(jax.device_get(out["recon"])), mask, config.eval.grid_images)
     if totals["n"] == 0:
@@ -86,7 +107,36 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
     }
     if jax.process_index() == 0:
         _write(results, grid, workdir, step, writer)
+    if analysis_fn is not None:
+        _write_analysis(config, analysis_fn(params, model_state, first["image"]), first, counts,
+                        workdir, step, writer)
     return results
+
+
+def _write_analysis(config, out, inputs, counts, workdir, step, writer):
+    """Figure 3 (k > 1) and Figure 4 PNGs of the first eval batch and the codebook."""
+    if jax.process_index() != 0:
+        return
+    eval_dir = os.path.join(workdir, "eval")
+    names = list(config.model.branches)
+    keep = np.flatnonzero(np.asarray(jax.device_get(inputs["mask"])))
+    keep = keep[:config.eval.single_codebook_images]
+    if len(names) > 1 and len(keep):
+        grid = codebook_analysis.single_codebook_grid(
+            np.asarray(jax.device_get(inputs["image"]))[keep],
+            np.asarray(jax.device_get(out["single"]))[:, keep])
+        image_grid.save_png(grid, os.path.join(eval_dir, f"{step}_single_codebook.png"))
+        if writer is not None:
+            writer.write_images(step, {"eval/single_codebook": grid[None]})
+    if config.eval.tsne_points > 0:
+        used = np.asarray(jax.device_get(counts)) > 0 if config.eval.tsne_used_only else None
+        try:
+            codebook_analysis.tsne_png(
+                np.asarray(jax.device_get(out["codebook"])), names,
+                os.path.join(eval_dir, f"{step}_tsne.png"),
+                max_points_per_codebook=config.eval.tsne_points, seed=config.seed, used=used)
+        except ValueError as error:  # e.g. a collapsed codebook with < 2 used codes
+            logging.warning("eval step %d: no t-SNE plot: %s", step, error)
 
 
 def _grid(images, recon, mask, num):
@@ -128,4 +178,5 @@ def evaluate_workdir(config, workdir: str) -> dict:
     graphdef = model_graphdef(config)
     params = state.ema_params if state.ema_params is not None else state.params
     return evaluate(config, params, state.model_state, eval_fn=compile_eval_step(
-        config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir)
+        config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir,
+        analysis_fn=compile_analysis_step(config, graphdef, mesh))

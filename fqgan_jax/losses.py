@@ -1,8 +1,8 @@
 """Generator loss terms of the tokenizer (spec fqgan.md §4.1).
 
 Each term is a small pure function; `generator_loss` weights and sums them. The GAN term, whose
-weight depends on the step, is added by the train step; teacher terms slot in as further entries
-of the same dict of named terms.
+weight depends on the step, and the teachers' InfoNCE (`semantic_loss`) are added by the train
+step.
 """
 
 from __future__ import annotations
@@ -40,6 +40,20 @@ def disentangle_loss(codes: jax.Array) -> jax.Array:
     return sum(terms) / len(pairs)
 
 
+def _info_nce_logits(predicted, teacher, num_groups, temperature):
+    """[G, b, b] logits p_i · t_j / τ within each group, l2-normalized as torch F.normalize."""
+    def unit(x):
+        x = x.astype(jnp.float32)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    batch, dim = predicted.shape
+    if batch % num_groups:
+        raise ValueError(f"InfoNCE: batch {batch} does not split into {num_groups} groups.")
+    p = unit(predicted).reshape(num_groups, batch // num_groups, dim)
+    t = jax.lax.stop_gradient(unit(teacher)).reshape(num_groups, batch // num_groups, dim)
+    return jnp.einsum("gid,gjd->gij", p, t) / temperature
+
+
 def info_nce_loss(predicted: jax.Array, teacher: jax.Array, *, num_groups: int = 1,
                   temperature: float = 1.0) -> jax.Array:
     """Prediction -> teacher InfoNCE on CLS vectors (spec fqgan.md §3.3).
@@ -50,17 +64,32 @@ def info_nce_loss(predicted: jax.Array, teacher: jax.Array, *, num_groups: int =
     batch sharded over the data axis, num_groups = the number of shards reproduces it; 1 uses the
     whole global batch. Temperature 1 is the official value.
     """
-    def unit(x):
-        x = x.astype(jnp.float32)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    batch, dim = predicted.shape
-    if batch % num_groups:
-        raise ValueError(f"InfoNCE: batch {batch} does not split into {num_groups} groups.")
-    p = unit(predicted).reshape(num_groups, batch // num_groups, dim)
-    t = jax.lax.stop_gradient(unit(teacher)).reshape(num_groups, batch // num_groups, dim)
-    logits = jnp.einsum("gid,gjd->gij", p, t) / temperature
+    logits = _info_nce_logits(predicted, teacher, num_groups, temperature)
     return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1), axis1=-2, axis2=-1))
+
+
+def info_nce_top1(predicted: jax.Array, teacher: jax.Array, *, num_groups: int = 1) -> jax.Array:
+    """Share of predictions whose nearest teacher feature (among the same negatives) is their
+    own image's: how well a head has learned to point at its teacher."""
+    logits = _info_nce_logits(predicted, teacher, num_groups, 1.0)
+    hits = jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[-1])
+    return jnp.mean(hits.astype(jnp.float32))
+
+
+def semantic_loss(predictions: dict, teacher_features: dict,
+                  loss_config: ml_collections.ConfigDict, *,
+                  num_groups: int) -> tuple[jax.Array, dict]:
+    """semantic_weight x the sum over taught branches of InfoNCE (spec §3.3: Triple adds its two
+    teachers' losses), and {"semantic_<branch>": InfoNCE, "semantic_top1_<branch>": top-1}."""
+    terms, total = {}, jnp.zeros((), jnp.float32)
+    for branch, predicted in predictions.items():
+        loss = info_nce_loss(predicted, teacher_features[branch], num_groups=num_groups,
+                             temperature=loss_config.infonce_temperature)
+        terms[f"semantic_{branch}"] = loss
+        terms[f"semantic_top1_{branch}"] = info_nce_top1(
+            predicted, teacher_features[branch], num_groups=num_groups)
+        total = total + loss_config.semantic_weight * loss
+    return total, terms
 
 
 def nll_loss(images: jax.Array, recon: jax.Array, loss_config: ml_collections.ConfigDict,

@@ -50,6 +50,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def frozen_sharding(leaf, mesh: Mesh, shard: bool, min_size: int = 2**16) -> NamedSharding:
+    """A frozen weight's sharding: replicated, or with `shard` its largest dimension that the
+    device count divides split over all mesh axes (small weights stay replicated)."""
+    shape = getattr(leaf, "shape", ())
+    if not shard or math.prod(shape) < min_size:
+        return replicated(mesh)
+    dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d])
+            if shape[d] % mesh.size == 0]
+    if not dims:
+        return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[dims[0]] = mesh.axis_names
+    return NamedSharding(mesh, P(*spec))
+
+
 def state_shardings(abstract_state, mesh: Mesh):
     """Shardings for every leaf of the train state: replicated (FSDP rules plug in here)."""
     return jax.tree.map(lambda _: replicated(mesh), abstract_state)

@@ -9,11 +9,13 @@ random towers for CPU smoke runs; they are never loaded from a file.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import jax
 from flax import nnx
 
+from fqgan_jax import hf_checkpoint, pretrained
 from fqgan_jax.models import clip_vision, dinov2
 from fqgan_jax.pretrained import PretrainedError
 
@@ -27,6 +29,18 @@ class TeacherKind:
     @property
     def width(self) -> int:
         return self.sizes["hidden_size"] if self.family == "clip" else self.sizes.width
+
+    @property
+    def is_random(self) -> bool:
+        return not self.hf_id
+
+    def default_path(self) -> str:
+        """Where a config with `path=""` looks: $FQGAN_JAX_WEIGHTS_DIR/<repo name>."""
+        return pretrained.default_path(self.hf_id.rsplit("/", 1)[-1])
+
+    def how_to_get(self, path: str) -> str:
+        return (f"Download it with: huggingface-cli download {self.hf_id} --include config.json "
+                f"model.safetensors --local-dir {path}")
 
 
 _TINY_CLIP = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
@@ -59,27 +73,64 @@ def random_teacher(name: str, *, seed: int = 0, dtype="float32") -> nnx.Module:
 
 
 def load_teacher(name: str, path: str, *, dtype="float32") -> nnx.Module:
-    """The tower of kind `name` from a Hugging Face snapshot or weights file at `path`; its
-    width must be the kind's (a ViT-B file given for ViT-L is refused, naming both)."""
+    """The tower of kind `name` from a Hugging Face snapshot or weights file at `path`. Its
+    architecture must be the kind's: a ViT-B file given for ViT-L is refused, naming both."""
     spec = kind(name)
+    if spec.is_random:
+        raise PretrainedError(f"Teacher {name!r} is a random-init kind; it has no weights file.")
+    if not os.path.exists(path):
+        raise PretrainedError(f"Teacher {name!r}: {path} does not exist. "
+                              f"{spec.how_to_get(path)}")
     load = clip_vision.load_clip_vision if spec.family == "clip" else dinov2.load_dinov2
     module = load(path, dtype=dtype)
-    found = _width(module, spec.family)
-    if found != spec.width:
-        raise PretrainedError(f"{path} holds a {spec.family} tower of width {found}, but teacher "
-                              f"{name!r} ({spec.hf_id}) has width {spec.width}.")
+    found = _sizes(module, path, spec)
+    if found != _comparable(spec.sizes, spec.family):
+        differ = ", ".join(f"{key} {found[key]} (expected {value})"
+                           for key, value in _comparable(spec.sizes, spec.family).items()
+                           if found.get(key) != value)
+        raise PretrainedError(f"{path} holds a {spec.family} tower of width "
+                              f"{found['width']}, but teacher {name!r} ({spec.hf_id}) has width "
+                              f"{spec.width}: {differ}. Point the branch to the right files or "
+                              f"pick the matching kind ({', '.join(sorted(KINDS))}).")
     return module
 
 
-def _width(module, family: str) -> int:
+def _comparable(sizes, family: str) -> dict:
+    """The architecture fields of a kind's sizes (init-only values dropped), width included."""
     if family == "clip":
-        return module.embeddings.class_embedding[...].shape[-1]
-    return module.sizes.width
+        fields = dict(sizes)
+        fields["width"] = fields["hidden_size"]
+    else:
+        fields = dataclasses.asdict(sizes)
+        fields.pop("layerscale_value")
+    return fields
+
+
+def _sizes(module, path: str, spec: TeacherKind) -> dict:
+    if spec.family == "dinov2":
+        return _comparable(module.sizes, "dinov2")
+    sizes = clip_vision.sizes_from_hf_config(hf_checkpoint.read_config(path))
+    return {key: sizes.get(key) for key in spec.sizes} | {"width": sizes["hidden_size"]}
+
+
+def abstract(name: str, dtype="float32") -> tuple[nnx.GraphDef, nnx.State]:
+    """The graphdef and shape-only parameters of kind `name`, with nothing allocated; a loaded
+    tower of that kind has exactly these parameters."""
+    return nnx.split(nnx.eval_shape(lambda: random_teacher(name, dtype=dtype)), nnx.Param)
+
+
+def cls_features(graphdef: nnx.GraphDef, params: nnx.State, name: str,
+                 images: jax.Array) -> jax.Array:
+    """The functional form of `teacher_features`, for the train step."""
+    return teacher_features(nnx.merge(graphdef, params), name)(images)
 
 
 def teacher_features(module, name: str) -> Callable:
     """images in [-1, 1] -> the teacher's CLS feature [B, W], a constant (stop_gradient)."""
-    preprocess = clip_vision.preprocess if kind(name).family == "clip" else dinov2.preprocess
+    if kind(name).family == "clip":
+        preprocess = lambda images: clip_vision.preprocess(images, module.image_size)  # noqa: E731
+    else:
+        preprocess = dinov2.preprocess
 
     def features(images):
         return jax.lax.stop_gradient(module(preprocess(images))["cls"])

@@ -34,11 +34,13 @@ class Run:
     workdir: str
     mesh: object
     components: Components
-    frozen: dict  # replicated params of the frozen networks (LPIPS)
+    frozen: dict  # params of the frozen networks (LPIPS, teachers), placed on the mesh
     abstract_state: object  # shapes and dtypes of the TrainState
     state_shardings: object
     checkpointer: checkpointing.Checkpointer
     writer: object
+    eval_fn: object  # jitted evaluate.eval_step
+    analysis_fn: object  # jitted evaluate.analysis_step (FQGAN Figures 3-4)
 
 
 def setup(config, workdir: str) -> Run:
@@ -49,21 +51,24 @@ def setup(config, workdir: str) -> Run:
     for split in ("train", "eval"):
         data.make_source(config.data, split)  # raises DataError on missing data, early
     logging.info("data: %s", data.describe(config.data))
-    os.makedirs(workdir, exist_ok=True)
     checkpointing.check_config_matches(workdir, config)
+    frozen = frozen_nets.load(config, mesh)  # a bad weights file stops us before any write
+    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     components = make_components(config)
     abstract = abstract_state(config, components)
     return Run(config=config, workdir=workdir, mesh=mesh, components=components,
-               frozen=frozen_nets.load(config, mesh), abstract_state=abstract,
+               frozen=frozen, abstract_state=abstract,
                state_shardings=sharding.state_shardings(abstract, mesh),
                checkpointer=checkpointing.Checkpointer(
                    os.path.join(workdir, "checkpoints"),
                    max_to_keep=config.train.keep_checkpoints),
                writer=metric_writers.create_default_writer(
-                   workdir, just_logging=jax.process_index() > 0, asynchronous=True))
+                   workdir, just_logging=jax.process_index() > 0, asynchronous=True),
+               eval_fn=evaluate.compile_eval_step(config, components.graphdef, mesh),
+               analysis_fn=evaluate.compile_analysis_step(config, components.graphdef, mesh))
 
 
 def restore_or_init(run: Run, data_iterator):
@@ -92,9 +97,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         parameter_overview.log_parameter_overview(state.disc.params.to_pure_dict(),
                                                   msg="discriminator")
     step_fn = _compile_with_report(run, state)
-    eval_fn = evaluate.compile_eval_step(run.config, run.components.graphdef, run.mesh)
     try:
-        return _loop(run, state, meta, iterator, step_fn, eval_fn)
+        return _loop(run, state, meta, iterator, step_fn)
     finally:
         run.checkpointer.close()
         run.writer.close()
@@ -108,7 +112,7 @@ def _compile_with_report(run: Run, state):
     compile when their first step comes (logged)."""
     config = run.config
     step_fn = compile_train_step(config, run.components, run.state_shardings,
-                                 frozen_nets.shardings(run.frozen, run.mesh),
+                                 jax.tree.map(lambda x: x.sharding, run.frozen),
                                  sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
     size = config.data.image_size
     batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), np.uint8,
@@ -124,12 +128,12 @@ def _compile_with_report(run: Run, state):
     return step_fn
 
 
-def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
+def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
     config = run.config
     step = int(jax.device_get(state.step))
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                              writer=run.writer, every_steps=config.train.log_every)]
-    last_eval = _maybe_eval(run, state, eval_fn, step, force=step == 0)
+    last_eval = _maybe_eval(run, state, step, force=step == 0)
     pending_streak, grid_inputs = None, _grid_inputs(run)
     while step < config.train.num_steps:
         batch = next(iterator)
@@ -149,9 +153,9 @@ def _loop(run: Run, state, meta, iterator, step_fn, eval_fn) -> dict:
         if step % config.train.log_every == 0 or step == config.train.num_steps:
             _log_metrics(run, step, metrics, meta)
         if step % config.train.image_every == 0:
-            _write_train_grid(run, state, eval_fn, step, grid_inputs)
+            _write_train_grid(run, state, step, grid_inputs)
         if step % config.train.eval_every == 0 or step == config.train.num_steps:
-            last_eval = _maybe_eval(run, state, eval_fn, step, force=True)
+            last_eval = _maybe_eval(run, state, step, force=True)
         if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
             _check_finite(int(state.nonfinite_streak), config)
             run.checkpointer.save(step, state, iterator, meta)
@@ -174,7 +178,7 @@ def _log_metrics(run: Run, step: int, metrics, meta) -> None:
     run.writer.write_scalars(step, scalars)
 
 
-def _maybe_eval(run: Run, state, eval_fn, step: int, *, force: bool):
+def _maybe_eval(run: Run, state, step: int, *, force: bool):
     path = os.path.join(run.workdir, "eval", f"{step}.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -182,7 +186,8 @@ def _maybe_eval(run: Run, state, eval_fn, step: int, *, force: bool):
     if not force:
         return None
     params = state.ema_params if state.ema_params is not None else state.params
-    return evaluate.evaluate(run.config, params, state.model_state, eval_fn=eval_fn,
+    return evaluate.evaluate(run.config, params, state.model_state, eval_fn=run.eval_fn,
+                             analysis_fn=run.analysis_fn,
                              mesh=run.mesh, step=step, workdir=run.workdir, writer=run.writer)
 
 
@@ -197,9 +202,10 @@ def _grid_inputs(run: Run) -> dict:
                                     sharding.batch_sharding(run.mesh))
 
 
-def _write_train_grid(run: Run, state, eval_fn, step: int, inputs: dict) -> None:
+def _write_train_grid(run: Run, state, step: int, inputs: dict) -> None:
     """Reconstructions of a fixed held-out batch, for watching progress."""
-    recon = np.asarray(jax.device_get(eval_fn(state.params, state.model_state, inputs)["recon"]))
+    recon = np.asarray(jax.device_get(
+        run.eval_fn(state.params, state.model_state, inputs)["recon"]))
     images = np.asarray(jax.device_get(inputs["image"]))
     count = run.config.eval.grid_images
     grid = image_grid.make_grid([images[:count], recon[:count]])

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from fqgan_jax import config_lib, teachers
 from fqgan_jax.models import Tokenizer
 from fqgan_jax.models.discriminator import PatchDiscriminator
 from fqgan_jax.models import lpips
@@ -54,6 +55,7 @@ class Components:
     disc_graphdef: nnx.GraphDef | None
     disc_tx: optax.GradientTransformation | None
     lpips_graphdef: nnx.GraphDef | None  # None when config.loss.perceptual_weight == 0
+    teacher_graphdefs: dict[str, nnx.GraphDef]  # per taught branch; see config_lib.taught_branches
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -80,7 +82,11 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
 
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Tokenizer:
-    return Tokenizer.from_config(config.model, image_size=config.data.image_size, rngs=rngs)
+    """The tokenizer, with a feature-prediction head per taught branch, sized by its teacher."""
+    widths = {branch: teachers.kind(name).width
+              for branch, name in config_lib.taught_branches(config).items()}
+    return Tokenizer.from_config(config.model, image_size=config.data.image_size, rngs=rngs,
+                                 teacher_widths=widths)
 
 
 def create_discriminator(config: ml_collections.ConfigDict,
@@ -107,7 +113,9 @@ def make_components(config: ml_collections.ConfigDict) -> Components:
         disc_tx=make_optimizer(config.gan.optimizer, config.train.num_steps)
         if with_gan else None,
         lpips_graphdef=lpips.abstract_params(config.model.dtype)[0]
-        if config.loss.perceptual_weight > 0 else None)
+        if config.loss.perceptual_weight > 0 else None,
+        teacher_graphdefs={branch: teachers.abstract(name, config.model.dtype)[0]
+                           for branch, name in config_lib.taught_branches(config).items()})
 
 
 def _initial_disc_state(config, disc_tx, rng) -> DiscriminatorState:

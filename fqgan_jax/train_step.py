@@ -25,7 +25,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from fqgan_jax import adversarial, losses, quantize
+from fqgan_jax import adversarial, losses, quantize, teachers
 from fqgan_jax.train_state import Components, TrainState, learning_rate_schedule, merge_model
 
 
@@ -73,8 +73,15 @@ def _perceptual_fn(components: Components, frozen: dict, loss_config, rng):
     return perceptual
 
 
-def _generator_loss(params, state: TrainState, images, frozen, rng, *, components, config,
-                    gan_on: bool):
+def teacher_features(images, frozen: dict, *, components: Components, config) -> dict:
+    """{taught branch: its frozen teacher's CLS feature [B, W]}, constants of the step."""
+    return {branch: teachers.cls_features(graphdef, frozen["teachers"][branch],
+                                          config.teachers[branch].kind, images)
+            for branch, graphdef in components.teacher_graphdefs.items()}
+
+
+def _generator_loss(params, state: TrainState, images, frozen, teacher_cls, rng, *, components,
+                    config, gan_on: bool, num_shards: int):
     """The tokenizer's total loss (spec fqgan.md §4.1) and (metrics, indices, reconstruction)."""
     model = merge_model(components.graphdef, params, state.model_state)
     dropout_rng, lpips_rng = jax.random.split(rng)
@@ -85,6 +92,11 @@ def _generator_loss(params, state: TrainState, images, frozen, rng, *, component
     recon = model.decoder.conv_out(features).astype(jnp.float32)
     perceptual_fn = _perceptual_fn(components, frozen, config.loss, lpips_rng)
     total, terms = losses.generator_loss(images, recon, quantized, config.loss, perceptual_fn)
+    if teacher_cls:
+        semantic, semantic_terms = losses.semantic_loss(
+            model.predict_teacher_features(quantized.codes), teacher_cls, config.loss,
+            num_groups=num_shards if config.loss.infonce_negatives == "shard" else 1)
+        total, terms = total + semantic, {**terms, **semantic_terms}
     if state.disc is not None:
         zero = jnp.zeros((), jnp.float32)
         weighted, terms["gan"], terms["generator_gan_weight"] = zero, zero, zero
@@ -103,18 +115,22 @@ def _generator_loss(params, state: TrainState, images, frozen, rng, *, component
 
 
 def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Components,
-               config: ml_collections.ConfigDict, phase: adversarial.Phase):
+               config: ml_collections.ConfigDict, phase: adversarial.Phase, num_shards: int = 1):
     """One generator update, then one discriminator update on the same reconstructions.
 
-    `frozen` holds the parameters of the frozen networks (LPIPS); it is read, never trained.
-    `phase` (static) says whether this step trains D and whether the generator sees the GAN.
+    `frozen` holds the parameters of the frozen networks (LPIPS, teachers); it is read, never
+    trained. `phase` (static) says whether this step trains D and whether the generator sees
+    the GAN. `num_shards` (static) is the number of devices the batch is split over: the
+    InfoNCE negatives of "shard" mode.
     """
     images = images_to_float(batch["image"])
     rng = jax.random.fold_in(state.rng, state.step)
+    # Outside the differentiated function: the teachers get no backward pass at all.
+    teacher_cls = teacher_features(images, frozen, components=components, config=config)
     grad_fn = jax.value_and_grad(_generator_loss, has_aux=True)
     (loss, (loss_metrics, indices, recon)), grads = grad_fn(
-        state.params, state, images, frozen, rng, components=components, config=config,
-        gan_on=phase.generator)
+        state.params, state, images, frozen, teacher_cls, rng, components=components,
+        config=config, gan_on=phase.generator, num_shards=num_shards)
     updates, new_opt_state = components.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
@@ -170,6 +186,7 @@ class PhasedTrainStep:
     def __init__(self, config, components, state_shardings, frozen_shardings, batch_sharding,
                  replicated):
         self.config = config
+        self._num_shards = batch_sharding.mesh.size
         self._jit = functools.partial(
             jax.jit, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
             out_shardings=(state_shardings, replicated), donate_argnums=0)
@@ -193,7 +210,8 @@ class PhasedTrainStep:
 
     def _jitted(self, phase: adversarial.Phase):
         return self._jit(functools.partial(train_step, components=self._components,
-                                           config=self.config, phase=phase))
+                                           config=self.config, phase=phase,
+                                           num_shards=self._num_shards))
 
 
 def compile_train_step(config, components, state_shardings, frozen_shardings, batch_sharding,

@@ -45,6 +45,9 @@ def make_tiny_config(branches=("vis", "sem"), **overrides):
     # LPIPS is off unless a test converts weights for it (tests/test_lpips.py).
     config.gan.update(dict(weight=0.5, start=1, disc_warmup_steps=0, ndf=16))
     config.loss.perceptual_weight = 0.0
+    # The teacher's InfoNCE is off too: it adds ~15 s to each compile. tests/test_semantic.py
+    # and the shared end-to-end run (`trained_workdir`) turn it on.
+    config.loss.semantic_weight = 0.0
     for key, value in overrides.items():
         *sections, name = key.split(".")
         target = config
@@ -61,16 +64,21 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-    """One tiny 4-step training run, shared by the tests that inspect its outputs."""
+    """One tiny 4-step training run with the whole objective (the random tiny CLIP teaching
+    `sem`), shared by the tests that inspect its outputs."""
     from fqgan_jax import train
 
     workdir = tmp_path_factory.mktemp("trained")
-    result = train.train_and_evaluate(make_tiny_config(), str(workdir))
+    # 8 devices x 1 image: per-device InfoNCE would have no negatives, so the global batch's.
+    config = make_tiny_config(**{"loss.semantic_weight": 0.5,
+                                 "loss.infonce_negatives": "global"})
+    result = train.train_and_evaluate(config, str(workdir))
     return workdir, result
 
 
 def make_step(config, devices=None, frozen=None):
-    """(initial state, compiled train step, mesh) for `config` on `devices` (default: one)."""
+    """(initial state, compiled train step, mesh) for `config` on `devices` (default: one);
+    `frozen` defaults to what frozen_nets.load gives the config (the tiny random teacher)."""
     import jax
 
     from fqgan_jax import frozen_nets, sharding
@@ -80,7 +88,7 @@ def make_step(config, devices=None, frozen=None):
     devices = list(devices or jax.devices()[:1])
     config.mesh.shape = (len(devices),)
     mesh = sharding.make_mesh(config.mesh, devices)
-    frozen = {} if frozen is None else frozen
+    frozen = frozen_nets.load(config, mesh) if frozen is None else frozen
     components = ts.make_components(config)
     shardings = sharding.state_shardings(ts.abstract_state(config, components), mesh)
     state = ts.create_train_state(config, components, shardings)

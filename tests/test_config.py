@@ -18,7 +18,23 @@ CONFIGS = ("vqgan", "dual", "triple")
 def test_every_config_and_preset_passes_checks(name, preset):
     config = config_lib.load_config_file(os.path.join(REPO, f"configs/{name}.py:{preset}"))
     config_lib.check_config(config, num_devices=8)
-    assert config_lib.flat_keys(config) == config_lib.flat_keys(config_lib.base_config())
+    # The schema's keys, plus `teachers.<branch>.{kind, path}` (keyed by branch, so per file).
+    keys = config_lib.flat_keys(config)
+    teacher_keys = [k for k in keys if k.startswith("teachers.")]
+    assert [k for k in keys if k not in teacher_keys] == config_lib.flat_keys(
+        config_lib.base_config())
+    assert teacher_keys == [f"teachers.{b}.{leaf}" for b in config.teachers
+                            for leaf in ("kind", "path")]
+
+
+def test_configs_name_the_papers_teachers():
+    """spec fqgan.md §3.1; the smoke presets swap in random towers of the same family."""
+    load = lambda s: config_lib.taught_branches(  # noqa: E731
+        config_lib.load_config_file(os.path.join(REPO, s)))
+    assert load("configs/dual.py") == {"sem": "clip_vit_l14"}
+    assert load("configs/triple.py") == {"sem_mid": "dinov2_s14", "sem_high": "clip_vit_b16"}
+    assert load("configs/triple.py:smoke") == {"sem_mid": "dinov2_tiny", "sem_high": "clip_tiny"}
+    assert load("configs/vqgan.py") == {}
 
 
 def test_configs_set_their_codebook_layout():

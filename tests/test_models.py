@@ -65,8 +65,8 @@ def official_section(title: str) -> tuple[list[tuple[str, str, tuple]], int]:
 
 
 def is_excluded(key: str, kind: str) -> bool:
-    """Buffers and the training-only feature-prediction heads (a later issue)."""
-    return kind == "buffer" or "feat_pred" in key
+    """Buffers (codebook_used)."""
+    return kind == "buffer"
 
 
 def flax_shape(key: str, torch_shape: tuple) -> tuple:
@@ -74,18 +74,28 @@ def flax_shape(key: str, torch_shape: tuple) -> tuple:
     if len(torch_shape) == 4:
         out_ch, in_ch, kh, kw = torch_shape
         return (kh, kw, in_ch, out_ch)
-    if len(torch_shape) == 2 and not key.endswith(("positional_embedding", "embedding.weight")):
+    if len(torch_shape) == 2 and not key.endswith(("positional_embedding", "class_embedding",
+                                                   "embedding.weight")):
         return torch_shape[::-1]
     return torch_shape
 
 
+# Teacher widths (spec §3.1): CLIP L/14 for Dual's sem; DINOv2-S and CLIP B/16 for Triple.
+DUAL_TEACHERS = {"sem": 1024}
+TRIPLE_TEACHERS = {"sem_mid": 384, "sem_high": 768}
+
+
 @pytest.mark.parametrize("title, branches, overrides", [
     ("llamagen_vq_model VQ-16", LLAMAGEN, dict(adapter_layers=0)),
-    ("vq_model_dual VQ-16", DUAL, {}),
-    ("vq_model_triple VQ-16", TRIPLE, {}),
-    ("vq_model_dual VQ-8", DUAL, dict(ch_mult=(1, 2, 2, 4))),
+    ("vq_model_dual VQ-16", DUAL, dict(teacher_widths=DUAL_TEACHERS)),
+    ("vq_model_triple VQ-16", TRIPLE, dict(teacher_widths=TRIPLE_TEACHERS)),
+    ("vq_model_dual VQ-8", DUAL, dict(ch_mult=(1, 2, 2, 4), teacher_widths=DUAL_TEACHERS)),
+    ("vq_model_triple VQ-8", TRIPLE, dict(ch_mult=(1, 2, 2, 4),
+                                          teacher_widths=TRIPLE_TEACHERS)),
 ])
 def test_every_official_key_maps_to_a_param(title, branches, overrides):
+    """Every official parameter, the feature-prediction heads included, fills exactly one of
+    ours with its shape, and the totals equal the TSV headers."""
     model = nnx.eval_shape(lambda: Tokenizer(**{**FULL_SIZE, "branches": branches, **overrides},
                                              rngs=nnx.Rngs(0)))
     params = flat_params(model)
@@ -124,6 +134,12 @@ def test_official_names_of_single_params():
         ("branches", "vq", "quant_conv", "bias"), None)
     assert official_key_to_path("decoder.conv_blocks.0.attn.2.proj_out.weight", DUAL) == (
         ("decoder", "conv_blocks", 0, "attn", 2, "proj_out", "kernel"), None)
+    assert official_key_to_path("feat_pred_head.upscale.2.weight", DUAL) == (
+        ("feat_pred_heads", "sem", "upscale", 2, "kernel"), None)
+    assert official_key_to_path("mid_sem_feat_pred.transformer.1.ln_2.weight", TRIPLE) == (
+        ("feat_pred_heads", "sem_mid", "transformer", 1, "ln_2", "scale"), None)
+    assert official_key_to_path("high_sem_feat_pred.class_embedding", TRIPLE) == (
+        ("feat_pred_heads", "sem_high", "class_embedding"), None)
 
 
 @pytest.mark.parametrize("branches, ch_mult", [(LLAMAGEN, (1, 2)), (DUAL, (1, 2, 2)),

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from fqgan_jax import checkpointing, sharding, train
 from fqgan_jax import train_state as ts
@@ -84,6 +85,10 @@ def test_train_and_evaluate_writes_everything(trained_workdir):
         assert {"step", "psnr", "ssim", "usage"} <= set(saved)
         assert len(saved["usage"]) == 2 and all(0 < u <= 1 for u in saved["usage"])
         assert (workdir / "eval" / f"{step}.png").exists()
+        # FQGAN Figures 3-4: original | all | only-vis | only-sem for 8 images, and the t-SNE.
+        grid = np.asarray(Image.open(workdir / "eval" / f"{step}_single_codebook.png"))
+        assert grid.shape == (8 * 34 + 2, 4 * 34 + 2, 3)
+        assert Image.open(workdir / "eval" / f"{step}_tsne.png").size[0] > 100
     assert result["step"] == 4
     assert (workdir / "images" / "2.png").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))

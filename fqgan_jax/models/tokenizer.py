@@ -14,7 +14,7 @@ with `adapter_layers=0` is exactly LlamaGen's VQGAN.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from flax import nnx
 
 from fqgan_jax.models.decoder import Decoder
 from fqgan_jax.models.encoder import Encoder, EncoderBranch
+from fqgan_jax.models.feat_pred_head import FeatPredHead
 from fqgan_jax.models.layers import conv2d
 from fqgan_jax.quantize import FactorizedQuantizer, QuantizerOutput
 
@@ -34,7 +35,8 @@ class Tokenizer(nnx.Module):
                  ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
                  adapter_layers: int, adapter_heads: int, adapter_mlp_ratio: float,
                  codebook_size: int, code_dim: int, l2_normalize: bool,
-                 entropy_temperature: float, search_memory_mb: int, dtype, rngs: nnx.Rngs):
+                 entropy_temperature: float, search_memory_mb: int, dtype, rngs: nnx.Rngs,
+                 teacher_widths: Mapping[str, int] | None = None):
         dtype = jnp.dtype(dtype)
         self.branch_names = tuple(branches)
         self.code_dim = code_dim
@@ -58,11 +60,23 @@ class Tokenizer(nnx.Module):
                                       dtype=dtype, rngs=rngs)
         self.decoder = Decoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                                z_channels=z_channels, dropout=dropout, dtype=dtype, rngs=rngs)
+        # Training-only heads of representation learning (spec §3.2), one per taught branch,
+        # sized by its teacher's width; None when no branch has a teacher.
+        unknown = set(teacher_widths or ()) - set(self.branch_names)
+        if unknown:
+            raise ValueError(f"Teachers for {sorted(unknown)}, which are not branches of "
+                             f"{self.branch_names}.")
+        self.feat_pred_heads = nnx.Dict({
+            name: FeatPredHead(code_dim=code_dim, width=teacher_widths[name],
+                               grid_size=self.latent_size(image_size), dtype=dtype, rngs=rngs)
+            for name in self.branch_names if name in teacher_widths}) if teacher_widths else None
 
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict, *, image_size: int,
-                    rngs: nnx.Rngs) -> "Tokenizer":
-        """Builds from `config.model` (fqgan_jax/config_lib.py); image_size sizes the adapters."""
+                    rngs: nnx.Rngs, teacher_widths: Mapping[str, int] | None = None
+                    ) -> "Tokenizer":
+        """Builds from `config.model` (fqgan_jax/config_lib.py); image_size sizes the adapters,
+        `teacher_widths` ({branch: width}) the feature-prediction heads."""
         c = model_config
         return cls(image_size=image_size, branches=tuple(c.branches), ch=c.ch,
                    ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks,
@@ -70,7 +84,8 @@ class Tokenizer(nnx.Module):
                    adapter_heads=c.adapter_heads, adapter_mlp_ratio=c.adapter_mlp_ratio,
                    codebook_size=c.codebook_size, code_dim=c.code_dim,
                    l2_normalize=c.l2_normalize, entropy_temperature=c.entropy_temperature,
-                   search_memory_mb=c.search_memory_mb, dtype=c.dtype, rngs=rngs)
+                   search_memory_mb=c.search_memory_mb, dtype=c.dtype, rngs=rngs,
+                   teacher_widths=teacher_widths)
 
     @property
     def num_codebooks(self) -> int:
@@ -105,6 +120,14 @@ class Tokenizer(nnx.Module):
         stacked = codes.reshape(*codes.shape[:-2], codes.shape[-2] * codes.shape[-1])
         return self.post_quant_conv(stacked)
 
+    def predict_teacher_features(self, codes: jax.Array) -> dict[str, jax.Array]:
+        """Codes [B, h, w, k, d] -> {taught branch: predicted teacher CLS [B, W]}, each head
+        reading its own branch's sub-codes (straight-through, so the loss reaches the branch)."""
+        if self.feat_pred_heads is None:
+            return {}
+        return {name: self.feat_pred_heads[name](codes[..., index, :])
+                for index, name in enumerate(self.branch_names) if name in self.feat_pred_heads}
+
     def decode_indices(self, indices: jax.Array) -> jax.Array:
         """Indices int [B, h, w, k] -> images [B, H, W, 3], float32."""
         return self.decode_codes(self.quantize.lookup(indices))
@@ -132,10 +155,13 @@ class Tokenizer(nnx.Module):
 #   quant_conv<sfx>                                   branches[b].quant_conv
 #   quantize<sfx>.embedding.weight [K, d]             quantize.codebook[i] (stacked [k, K, d])
 #   post_quant_conv, decoder.*                        same
+#   <fp>.upscale / .transformer / .ln_pre ...         feat_pred_heads[b].* (same names)
 #   <norm>.weight / other .weight                     .scale / .kernel
 # with <head> = visual_head (vis), semantic_head<rest> (sem<rest>), <b>_head otherwise, and
-# <sfx> = "_<b>", except "" for LlamaGen's single branch "vq". Layouts still need converting:
-# conv OIHW -> HWIO, Linear (out, in) -> (in, out); `codebook_used` buffers are dropped.
+# <sfx> = "_<b>", except "" for LlamaGen's single branch "vq", and <fp> = feat_pred_head (sem),
+# <x>_sem_feat_pred (sem_<x>: Triple's mid_/high_sem_feat_pred), <b>_feat_pred otherwise.
+# Layouts still need converting: conv OIHW -> HWIO, Linear (out, in) -> (in, out);
+# `codebook_used` buffers are dropped.
 
 
 def _head_name(branch: str) -> str:
@@ -144,6 +170,14 @@ def _head_name(branch: str) -> str:
     if branch.startswith("sem"):
         return "semantic_head" + branch[len("sem"):]
     return f"{branch}_head"
+
+
+def _feat_pred_name(branch: str) -> str:
+    if branch == "sem":
+        return "feat_pred_head"
+    if branch.startswith("sem_"):
+        return branch[len("sem_"):] + "_sem_feat_pred"
+    return f"{branch}_feat_pred"
 
 
 def _suffix(branch: str) -> str:
@@ -166,8 +200,8 @@ def official_key_to_path(official_key: str,
     """Maps one official state_dict key to (our param path, branch index or None).
 
     The branch index is set only for a codebook, whose k official tables are stacked into our
-    one `quantize.codebook` [k, K, d]: the key fills row `index` of it. Keys outside the
-    tokenizer (the `feat_pred_head*` training heads) map 1:1 to paths the model lacks, so a
+    one `quantize.codebook` [k, K, d]: the key fills row `index` of it. The feature-prediction
+    heads map to `feat_pred_heads[b]`, which a model built without teachers lacks, so a
     converter should reject any path that `nnx.state(model)` does not contain.
     """
     for index, branch in enumerate(branches):
@@ -175,15 +209,16 @@ def official_key_to_path(official_key: str,
         if re.fullmatch(rf"quantize{sfx}\.embedding\.weight", official_key):
             return ("quantize", "codebook"), index
         rules = (
-            (rf"encoder\.{re.escape(_head_name(branch))}\.0\.(.+)", "adapter."),
-            (rf"encoder\.(norm_out|conv_out){sfx}\.(.+)", r"\1."),
-            (rf"(quant_conv){sfx}\.(.+)", r"\1."),
+            (rf"encoder\.{re.escape(_head_name(branch))}\.0\.(.+)", f"branches.{branch}.adapter."),
+            (rf"encoder\.(norm_out|conv_out){sfx}\.(.+)", rf"branches.{branch}.\1."),
+            (rf"(quant_conv){sfx}\.(.+)", rf"branches.{branch}.\1."),
+            (rf"{re.escape(_feat_pred_name(branch))}\.(.+)", f"feat_pred_heads.{branch}."),
         )
         for pattern, prefix in rules:
             match = re.fullmatch(pattern, official_key)
             if match:
                 rest = match.expand(prefix) + match.groups()[-1]
-                return _to_path(["branches", branch] + rest.split(".")), None
+                return _to_path(rest.split(".")), None
     return _to_path(official_key.split(".")), None
 
 
