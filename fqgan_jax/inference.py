@@ -3,6 +3,8 @@
     tok = fqgan_jax.load_tokenizer("/path/to/workdir")
     codes = tok.encode(images)   # uint8 [B, H, W, 3] -> int32 [B, h, w, k]
     images = tok.decode(codes)   # int [B, h, w, k] -> uint8 [B, H, W, 3]
+    rows = tok.single_codebook_reconstructions(images)  # uint8 [k+1, B, H, W, 3] (Figure 3)
+    codebook = tok.codebook()    # float32 [k, K, d], as the decoder sees it (Figure 4)
 
 The path may be a workdir, its `checkpoints/` folder, or one step folder inside it. EMA params
 are used when the run kept them.
@@ -17,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqgan_jax import checkpointing, config_lib, image_metrics, sharding, train_state
+from fqgan_jax import (checkpointing, codebook_analysis, config_lib, image_metrics, sharding,
+                       train_state)
 from fqgan_jax.train_step import images_to_float
 
 
@@ -47,9 +50,35 @@ class Tokenizer:
             images_to_float(x)).indices)
         self._decode = jax.jit(lambda p, s, c: image_metrics.to_uint8(
             merge(graphdef, p, s).decode_indices(c)))
+        self._single = jax.jit(codebook_analysis.single_codebook_step,
+                               static_argnames=("graphdef", "fill"))
+        self._graphdef = graphdef
         self._variables = (params, model_state)
 
+    @property
+    def model(self):
+        """The restored nnx Tokenizer, for anything the two functions do not cover."""
+        return train_state.merge_model(self._graphdef, *self._variables)
+
     def encode(self, images) -> np.ndarray:
+        self._check_images(images)
+        return np.asarray(self._encode(*self._variables, jnp.asarray(images)))
+
+    def single_codebook_reconstructions(self, images, fill: str = "zeros") -> np.ndarray:
+        """uint8 images [B, H, W, 3] -> uint8 [k+1, B, H, W, 3]: the full reconstruction, then
+        the one from each sub-codebook alone, the others replaced by `fill` ("zeros" | "mean";
+        see codebook_analysis.py). `codebook_analysis.single_codebook_grid` lays them out."""
+        self._check_images(images)
+        if fill not in codebook_analysis.FILLS:
+            raise ValueError(f"fill must be one of {codebook_analysis.FILLS}, got {fill!r}.")
+        return np.asarray(self._single(*self._variables, jnp.asarray(images),
+                                       graphdef=self._graphdef, fill=fill))
+
+    def codebook(self) -> np.ndarray:
+        """float32 [k, K, d]: the code vectors the decoder sees (l2-normalized if trained so)."""
+        return codebook_analysis.decoder_codebook(self.model)
+
+    def _check_images(self, images) -> None:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"encode expects uint8 images [B, H, W, 3], got {images.dtype} "
@@ -57,7 +86,6 @@ class Tokenizer:
         if images.shape[1] % self.downsample or images.shape[2] % self.downsample:
             raise ValueError(f"Image size {images.shape[1:3]} must be a multiple of the "
                              f"tokenizer's downsampling factor {self.downsample}.")
-        return np.asarray(self._encode(*self._variables, jnp.asarray(images)))
 
     def decode(self, codes) -> np.ndarray:
         codes = np.asarray(codes)

@@ -32,6 +32,16 @@ def test_load_tokenizer_round_trip(trained_workdir):
     assert recon.shape == images.shape and recon.dtype == np.uint8
     # Decoding is deterministic, and matches the training graph's own decode path.
     np.testing.assert_array_equal(tok.decode(codes), recon)
+    # FQGAN Figure 3 and 4 material: row 0 is decode(encode(x)); the codebook is unit-norm.
+    rows = tok.single_codebook_reconstructions(images)
+    assert rows.shape == (3, 2, 32, 32, 3) and rows.dtype == np.uint8
+    np.testing.assert_array_equal(rows[0], recon)
+    assert np.any(rows[1] != rows[2])
+    codebook = tok.codebook()
+    assert codebook.shape == (2, 64, 8)
+    np.testing.assert_allclose(np.linalg.norm(codebook, axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="fill must be one of"):
+        tok.single_codebook_reconstructions(images, fill="noise")
 
 
 def test_load_tokenizer_accepts_checkpoint_and_step_folders(trained_workdir):
