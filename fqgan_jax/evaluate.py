@@ -107,7 +107,9 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
     }
     if jax.process_index() == 0:
         _write(results, grid, workdir, step, writer)
-    if analysis_fn is not None:
+    wanted = (len(config.model.branches) > 1 and config.eval.single_codebook_images > 0
+              or config.eval.tsne_points > 0)
+    if analysis_fn is not None and wanted:
         _write_analysis(config, analysis_fn(params, model_state, first["image"]), first, counts,
                         workdir, step, writer)
     return results

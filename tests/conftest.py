@@ -48,6 +48,8 @@ def make_tiny_config(branches=("vis", "sem"), **overrides):
     # The teacher's InfoNCE is off too: it adds ~15 s to each compile. tests/test_semantic.py
     # and the shared end-to-end run (`trained_workdir`) turn it on.
     config.loss.semantic_weight = 0.0
+    # Likewise the Figure 3-4 analysis at each eval (an extra compile and a t-SNE).
+    config.eval.update(dict(single_codebook_images=0, tsne_points=0))
     for key, value in overrides.items():
         *sections, name = key.split(".")
         target = config
@@ -71,7 +73,8 @@ def trained_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
     # 8 devices x 1 image: per-device InfoNCE would have no negatives, so the global batch's.
     config = make_tiny_config(**{"loss.semantic_weight": 0.5,
-                                 "loss.infonce_negatives": "global"})
+                                 "loss.infonce_negatives": "global",
+                                 "eval.single_codebook_images": 8, "eval.tsne_points": 64})
     result = train.train_and_evaluate(config, str(workdir))
     return workdir, result
 

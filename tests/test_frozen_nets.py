@@ -123,12 +123,20 @@ def test_full_presets_carry_the_official_objective():
         assert config.gan.optimizer.learning_rate == 2e-4
 
 
-def test_cli_reports_missing_weights_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("missing, expected", [
+    ("lpips", "fqgan_jax.tools.convert lpips"),
+    ("teacher", "huggingface-cli download openai/clip-vit-large-patch14"),
+])
+def test_cli_reports_missing_weights_without_a_traceback(tmp_path, missing, expected):
+    """The full Dual preset without its LPIPS file, or without its CLIP teacher's snapshot."""
+    flags = ([f"--config.loss.lpips_weights={tmp_path / 'x.npz'}",
+              "--config.loss.semantic_weight=0"] if missing == "lpips" else
+             [f"--config.teachers.sem.path={tmp_path / 'clip'}"])
     result = subprocess.run(
         [sys.executable, "-m", "fqgan_jax.main", "--config=configs/dual.py",
-         f"--workdir={tmp_path / 'w'}", f"--config.loss.lpips_weights={tmp_path / 'x.npz'}"],
+         f"--workdir={tmp_path / 'w'}", *flags],
         cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
     assert result.returncode != 0
-    assert "error:" in result.stderr and "fqgan_jax.tools.convert lpips" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "w").exists()
