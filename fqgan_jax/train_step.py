@@ -186,7 +186,7 @@ class PhasedTrainStep:
     def __init__(self, config, components, state_shardings, frozen_shardings, batch_sharding,
                  replicated):
         self.config = config
-        self._num_shards = batch_sharding.mesh.size
+        self.num_shards = batch_sharding.mesh.size  # InfoNCE's "shard" negatives
         self._jit = functools.partial(
             jax.jit, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
             out_shardings=(state_shardings, replicated), donate_argnums=0)
@@ -211,7 +211,7 @@ class PhasedTrainStep:
     def _jitted(self, phase: adversarial.Phase):
         return self._jit(functools.partial(train_step, components=self._components,
                                            config=self.config, phase=phase,
-                                           num_shards=self._num_shards))
+                                           num_shards=self.num_shards))
 
 
 def compile_train_step(config, components, state_shardings, frozen_shardings, batch_sharding,

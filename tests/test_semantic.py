@@ -15,7 +15,7 @@ from fqgan_jax import (checkpointing, config_lib, frozen_nets, losses, pretraine
 from fqgan_jax import train_state as ts
 from fqgan_jax.models import clip_vision
 
-from conftest import make_step
+from fqgan_jax.train_step import compile_train_step
 from torch_reference import import_torchvision
 
 ONLY_INFONCE = {"loss.reconstruction_weight": 0.0, "loss.codebook_weight": 0.0,
@@ -39,7 +39,8 @@ def test_infonce_trains_the_semantic_branch_and_never_the_teacher(tiny_config):
     """The regression test for the official Dec-2024 no-grad bug (spec §3.3, showlab/FQGAN#1):
     with InfoNCE as the only term, the gradient reaches the sem head, the sem branch and the
     shared trunk through the straight-through codes; the vis branch, the decoder and the
-    codebooks get none; the teacher gets exactly zero."""
+    codebooks get none; the teacher gets exactly zero. With the batch on 2 shards, each shard's
+    4 images are the negatives (the official per-GPU loss), not all 8."""
     config = _semantic(tiny_config, **ONLY_INFONCE)
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
     frozen = frozen_nets.load(config, mesh)
@@ -52,12 +53,25 @@ def test_infonce_trains_the_semantic_branch_and_never_the_teacher(tiny_config):
         cls = train_step.teacher_features(images, frozen_, components=components, config=config)
         loss, (metrics, _, _) = train_step._generator_loss(
             params, state, images, frozen_, cls, jax.random.key(1), components=components,
-            config=config, gan_on=False, num_shards=1)
+            config=config, gan_on=False, num_shards=2)
         return loss, metrics
 
-    (loss, metrics), (g_params, g_teacher) = jax.jit(jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True))(state.params, frozen["teachers"])
+    @jax.jit
+    def run(params, teacher_params):
+        model = ts.merge_model(components.graphdef, params, state.model_state)
+        predicted = model.predict_teacher_features(model.encode(images).codes)["sem"]
+        target = train_step.teacher_features(images, frozen, components=components,
+                                             config=config)["sem"]
+        by_hand = [losses.info_nce_loss(predicted, target, num_groups=g) for g in (2, 1)]
+        return jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+            params, teacher_params), by_hand
+
+    ((loss, metrics), (g_params, g_teacher)), (per_shard, whole) = run(
+        state.params, frozen["teachers"])
     np.testing.assert_allclose(loss, 0.5 * metrics["loss/semantic_sem"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss/semantic_sem"], per_shard, rtol=1e-5)
+    assert abs(float(per_shard) - float(whole)) > 1e-3
+    assert 0 <= float(metrics["loss/semantic_top1_sem"]) <= 1
     norms = _norms(g_params)
     group = lambda prefix: sum(v for k, v in norms.items() if k.startswith(prefix))  # noqa: E731
     assert group("feat_pred_heads/sem/") > 0
@@ -68,29 +82,16 @@ def test_infonce_trains_the_semantic_branch_and_never_the_teacher(tiny_config):
     assert len(jax.tree.leaves(g_teacher)) > 0
 
 
-def test_the_step_logs_infonce_over_each_shards_negatives(tiny_config):
-    """2 devices x 4 images: "shard" mode uses each device's 4 images as negatives (the
-    official per-GPU loss), which differs from the loss over all 8."""
-    config = _semantic(tiny_config, **{"gan.weight": 0.0})
-    state, step, mesh = make_step(config, jax.devices()[:2])
-    frozen = frozen_nets.load(config, mesh)
+def test_the_step_takes_its_shards_from_the_mesh(tiny_config):
+    """"shard" negatives = the devices the batch is split over (static in the program)."""
+    config = _semantic(tiny_config)
     components = ts.make_components(config)
-    images = _images()
-    x = train_step.images_to_float(jnp.asarray(images))
-    model = ts.merge_model(components.graphdef, state.params, state.model_state)
-    predicted = model.predict_teacher_features(model.encode(x).codes)["sem"]
-    target = train_step.teacher_features(x, frozen, components=components, config=config)["sem"]
-    per_shard = losses.info_nce_loss(predicted, target, num_groups=2)
-    whole = losses.info_nce_loss(predicted, target, num_groups=1)
-    inputs = sharding.to_global_batch({"image": images}, sharding.batch_sharding(mesh))
-    new_state, metrics = step.at(0)(state, inputs, frozen)
-    np.testing.assert_allclose(metrics["loss/semantic_sem"], per_shard, rtol=1e-4)
-    assert abs(float(per_shard) - float(whole)) > 1e-3
-    assert 0 <= float(metrics["loss/semantic_top1_sem"]) <= 1
-    # The head is a trained parameter; the teacher is neither state nor donated.
-    assert "feat_pred_heads" in new_state.params and "teachers" not in repr(
-        jax.tree.structure(new_state))
-    jax.tree.map(lambda a: a.block_until_ready(), frozen)
+    for devices in (1, 2, 8):
+        mesh = sharding.make_mesh(config_lib.ml_collections.ConfigDict(
+            dict(shape=(devices,), axes=("data",))), jax.devices()[:devices])
+        step = compile_train_step(config, components, None, None,
+                                  sharding.batch_sharding(mesh), sharding.replicated(mesh))
+        assert step.num_shards == devices
 
 
 def test_heads_follow_the_teacher_widths(tiny_config):
@@ -98,7 +99,8 @@ def test_heads_follow_the_teacher_widths(tiny_config):
     config.teachers = {"sem_mid": config_lib.teacher("dinov2_tiny"),
                        "sem_high": config_lib.teacher("clip_tiny")}
     abstract = ts.abstract_state(config, ts.make_components(config))
-    heads = abstract.params["feat_pred_heads"]
+    heads = abstract.params["feat_pred_heads"]  # trained: in the params
+    assert "teachers" not in repr(jax.tree.structure(abstract))  # frozen: not in the state
     assert set(heads) == {"sem_mid", "sem_high"}
     assert heads["sem_mid"]["class_embedding"].shape == (1, teachers.kind("dinov2_tiny").width)
     assert heads["sem_high"]["class_embedding"].shape == (1, teachers.kind("clip_tiny").width)
