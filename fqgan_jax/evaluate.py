@@ -107,12 +107,16 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
     }
     if jax.process_index() == 0:
         _write(results, grid, workdir, step, writer)
-    wanted = (len(config.model.branches) > 1 and config.eval.single_codebook_images > 0
-              or config.eval.tsne_points > 0)
-    if analysis_fn is not None and wanted:
+    if analysis_fn is not None and any(_analysis_outputs(config)):
         _write_analysis(config, analysis_fn(params, model_state, first["image"]), first, counts,
                         workdir, step, writer)
     return results
+
+
+def _analysis_outputs(config) -> tuple[bool, bool]:
+    """Whether eval writes (the Figure 3 grid, the Figure 4 t-SNE); the grid needs k > 1."""
+    return (len(config.model.branches) > 1 and config.eval.single_codebook_images > 0,
+            config.eval.tsne_points > 0)
 
 
 def _write_analysis(config, out, inputs, counts, workdir, step, writer):
@@ -121,16 +125,17 @@ def _write_analysis(config, out, inputs, counts, workdir, step, writer):
         return
     eval_dir = os.path.join(workdir, "eval")
     names = list(config.model.branches)
+    with_grid, with_tsne = _analysis_outputs(config)
     keep = np.flatnonzero(np.asarray(jax.device_get(inputs["mask"])))
     keep = keep[:config.eval.single_codebook_images]
-    if len(names) > 1 and len(keep):
+    if with_grid and len(keep):
         grid = codebook_analysis.single_codebook_grid(
             np.asarray(jax.device_get(inputs["image"]))[keep],
             np.asarray(jax.device_get(out["single"]))[:, keep])
         image_grid.save_png(grid, os.path.join(eval_dir, f"{step}_single_codebook.png"))
         if writer is not None:
             writer.write_images(step, {"eval/single_codebook": grid[None]})
-    if config.eval.tsne_points > 0:
+    if with_tsne:
         used = np.asarray(jax.device_get(counts)) > 0 if config.eval.tsne_used_only else None
         try:
             codebook_analysis.tsne_png(

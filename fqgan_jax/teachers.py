@@ -74,25 +74,24 @@ def random_teacher(name: str, *, seed: int = 0, dtype="float32") -> nnx.Module:
 
 def load_teacher(name: str, path: str, *, dtype="float32") -> nnx.Module:
     """The tower of kind `name` from a Hugging Face snapshot or weights file at `path`. Its
-    architecture must be the kind's: a ViT-B file given for ViT-L is refused, naming both."""
+    architecture must be the kind's: a ViT-B file given for ViT-L is refused, naming both. The
+    check reads only config.json, so a wrong snapshot is refused before its weights are read."""
     spec = kind(name)
     if spec.is_random:
         raise PretrainedError(f"Teacher {name!r} is a random-init kind; it has no weights file.")
     if not os.path.exists(path):
         raise PretrainedError(f"Teacher {name!r}: {path} does not exist. "
                               f"{spec.how_to_get(path)}")
-    load = clip_vision.load_clip_vision if spec.family == "clip" else dinov2.load_dinov2
-    module = load(path, dtype=dtype)
-    found = _sizes(module, path, spec)
-    if found != _comparable(spec.sizes, spec.family):
-        differ = ", ".join(f"{key} {found[key]} (expected {value})"
-                           for key, value in _comparable(spec.sizes, spec.family).items()
-                           if found.get(key) != value)
+    expected, found = _comparable(spec.sizes, spec.family), _snapshot_sizes(name, path)
+    if found != expected:
+        differ = ", ".join(f"{key} {found.get(key)} (expected {value})"
+                           for key, value in expected.items() if found.get(key) != value)
         raise PretrainedError(f"{path} holds a {spec.family} tower of width "
                               f"{found['width']}, but teacher {name!r} ({spec.hf_id}) has width "
                               f"{spec.width}: {differ}. Point the branch to the right files or "
                               f"pick the matching kind ({', '.join(sorted(KINDS))}).")
-    return module
+    load = clip_vision.load_clip_vision if spec.family == "clip" else dinov2.load_dinov2
+    return load(path, dtype=dtype)
 
 
 def _comparable(sizes, family: str) -> dict:
@@ -106,11 +105,18 @@ def _comparable(sizes, family: str) -> dict:
     return fields
 
 
-def _sizes(module, path: str, spec: TeacherKind) -> dict:
-    if spec.family == "dinov2":
-        return _comparable(module.sizes, "dinov2")
-    sizes = clip_vision.sizes_from_hf_config(hf_checkpoint.read_config(path))
-    return {key: sizes.get(key) for key in spec.sizes} | {"width": sizes["hidden_size"]}
+def _snapshot_sizes(name: str, path: str) -> dict:
+    """The architecture the snapshot's config.json describes, in `_comparable`'s fields."""
+    spec = kind(name)
+    try:
+        config = hf_checkpoint.read_config(path)
+        if spec.family == "dinov2":
+            return _comparable(dinov2.sizes_from_hf_config(config), "dinov2")
+        sizes = clip_vision.sizes_from_hf_config(config)
+    except ValueError as error:  # PretrainedError included; also a config of another model
+        raise PretrainedError(f"Cannot read teacher {name!r} from {path}: {error} "
+                              f"{spec.how_to_get(path)}") from error
+    return _comparable({key: sizes.get(key) for key in spec.sizes}, "clip")
 
 
 def abstract(name: str, dtype="float32") -> tuple[nnx.GraphDef, nnx.State]:
