@@ -140,6 +140,14 @@ def base_config() -> ml_collections.ConfigDict:
         single_codebook_fill="zeros",  # what replaces the other sub-codes: "zeros" | "mean"
         tsne_points=2000,  # codebook entries per sub-codebook in the t-SNE plot; 0 = no plot
         tsne_used_only=False,  # True: only codes used on the eval set
+        # rFID and IS (fqgan_jax/inception_metrics.py; README "Evaluation protocol"):
+        inception_weights="",  # converted FID Inception; "" = the weights dir, and if it is not
+        # there, eval runs without rFID / IS and says so
+        fid_reference="",  # "" = vs the eval originals (FQGAN rFID); or a mu/sigma .npz
+        fid_preprocess="pytorch_fid",  # resize to 299: "pytorch_fid" | "tf1" (ADM evaluator)
+        fid_method="sqrtm",  # "sqrtm": pytorch-fid's scipy sqrtm; "eigh": same trace, ~10x faster
+        is_splits=10,
+        progress=True,  # a progress bar over the eval batches (process 0)
     ))
 
     # Device mesh; -1 takes the remaining devices. shard_frozen splits each big frozen weight
@@ -254,6 +262,8 @@ _CHOICES = {
     "data.augment": ("adm", "crop"),
     "loss.infonce_negatives": ("shard", "global"),
     "eval.single_codebook_fill": ("zeros", "mean"),
+    "eval.fid_preprocess": ("pytorch_fid", "tf1"),
+    "eval.fid_method": ("sqrtm", "eigh"),
 }
 
 
@@ -277,12 +287,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                         "0 < min <= max <= 1.")
     for key in ("train.num_steps", "train.log_every", "train.checkpoint_every",
                 "train.eval_every", "train.image_every", "train.max_nonfinite_steps",
-                "train.usage_window_steps", "train.keep_checkpoints"):
+                "train.usage_window_steps", "train.keep_checkpoints", "eval.is_splits"):
         if _get(config, key) <= 0:
             problems.append(f"config.{key} must be positive, got {_get(config, key)}.")
     for key, value in config.loss.items():
         if isinstance(value, float) and value < 0:
             problems.append(f"config.loss.{key} must be >= 0, got {value}.")
+    if config.eval.num_images < 0:
+        problems.append(f"config.eval.num_images={config.eval.num_images} must be >= 0 "
+                        "(0 = the whole eval split).")
     if not 0 <= config.optimizer.ema_decay < 1:
         problems.append("config.optimizer.ema_decay must be in [0, 1).")
     problems += _gan_problems(config.gan)

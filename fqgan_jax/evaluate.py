@@ -1,13 +1,15 @@
-"""Reconstruction evaluation: PSNR, SSIM and exact per-sub-codebook usage over the eval split.
+"""Reconstruction evaluation: PSNR, SSIM, exact per-sub-codebook usage, rFID and IS.
 
-Protocol (spec fqgan.md §5.1, with its SSIM bug fixed): center-cropped eval images, reconstructed
-and converted to uint8; PSNR with data range 1 on [0, 1] images, averaged per image; SSIM with
-skimage's defaults and `config.eval.ssim_data_range` (1.0; the official code used 2.0). Usage is
-exact: the number of distinct codes assigned over the whole eval set divided by K, per
-sub-codebook. Results go to `WORKDIR/eval/<step>.json` with a PNG grid of originals (top row)
-above reconstructions (bottom row), and the per-sub-codebook analysis of FQGAN's Figures 3 and 4
-(`codebook_analysis.py`): `<step>_single_codebook.png` (columns original | all | only-i, k > 1)
-and `<step>_tsne.png`.
+Protocol (spec fqgan.md §5.1, with its SSIM bug fixed; README "Evaluation protocol"):
+center-cropped eval images, reconstructed and converted to uint8; PSNR with data range 1 on
+[0, 1] images, averaged per image; SSIM with skimage's defaults and `config.eval.ssim_data_range`
+(1.0; the official code used 2.0). Usage is exact: the number of distinct codes assigned over the
+whole eval set divided by K, per sub-codebook. rFID and IS stream through the FID Inception in
+the same pass (`inception_metrics.py`) when its weights are there. Results go to
+`WORKDIR/eval/<step>.json` (with the protocol that produced them) with a PNG grid of originals
+(top row) above reconstructions (bottom row), and the per-sub-codebook analysis of FQGAN's
+Figures 3 and 4 (`codebook_analysis.py`): `<step>_single_codebook.png` (columns original | all |
+only-i, k > 1) and `<step>_tsne.png`.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
+from clu import metric_writers
 
 from fqgan_jax import (checkpointing, codebook_analysis, config_lib, data, image_grid,
-                       image_metrics, quantize, sharding)
+                       image_metrics, inception_metrics, inception_score, quantize, sharding)
 from fqgan_jax.train_step import images_to_float
 from fqgan_jax.train_state import merge_model, model_graphdef
 
@@ -70,19 +75,30 @@ def compile_analysis_step(config, graphdef, mesh):
 
 
 def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: str,
-             writer=None, analysis_fn=None) -> dict:
+             writer=None, analysis_fn=None, inception=None) -> dict:
     """Runs `eval_fn` over the eval split; writes JSON, PNG grid and scalars; returns results.
-    With `analysis_fn` (compile_analysis_step), also the Figure 3 grid and Figure 4 t-SNE."""
+    With `analysis_fn` (compile_analysis_step), also the Figure 3 grid and Figure 4 t-SNE; with
+    `inception` (inception_metrics.load), also rFID and IS."""
     per_process = config.eval.batch_size // jax.process_count()
     batches = data.make_eval_batches(
         config.data, batch_size=per_process, num_images=config.eval.num_images or None,
         process_index=jax.process_index(), process_count=jax.process_count())
+    if inception is not None:
+        inception_metrics.warn_if_few(batches.num_images)
+        acc = inception_metrics.init(inception, mesh)
+        starts = jax.device_put(inception_score.split_starts(batches.num_images,
+                                                             inception.splits),
+                                sharding.replicated(mesh))
     totals = {"psnr": 0.0, "ssim": 0.0, "n": 0}
     counts, grid, first = None, None, None
-    for batch in batches:
+    for batch in _progress(batches, config, step):
         inputs = sharding.to_global_batch(
-            {"image": batch["image"], "mask": batch["mask"]}, sharding.batch_sharding(mesh))
-        out = eval_fn(params, model_state, inputs)
+            {"image": batch["image"], "mask": batch["mask"], "index": batch["index"]},
+            sharding.batch_sharding(mesh))
+        out = eval_fn(params, model_state, {"image": inputs["image"], "mask": inputs["mask"]})
+        if inception is not None:
+            acc = inception.update(inception.params, acc, out["recon"], inputs["image"],
+                                   inputs["mask"], inputs["index"], starts)
         counts = out["counts"] if counts is None else counts + out["counts"]
         mask = np.asarray(jax.device_get(inputs["mask"]))
         for name in ("psnr", "ssim"):
@@ -103,8 +119,10 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
         "perplexity": [float(p) for p in stats["perplexity"]],
         "num_images": totals["n"],
         "branches": list(config.model.branches),
-        "protocol": _protocol(config),
+        "protocol": _protocol(config, batches.num_images, inception),
     }
+    if inception is not None:
+        results.update(inception_metrics.results(inception, acc))
     if jax.process_index() == 0:
         _write(results, grid, workdir, step, writer)
     if analysis_fn is not None and any(_analysis_outputs(config)):
@@ -151,11 +169,23 @@ def _grid(images, recon, mask, num):
     return image_grid.make_grid([images[keep], recon[keep]])
 
 
-def _protocol(config) -> dict:
+def _progress(batches, config, step):
+    """A progress bar on process 0 (redrawn at most every 30 s when stderr is not a terminal)."""
+    return tqdm.tqdm(batches, total=len(batches), desc=f"eval step {step}", unit="batch",
+                     file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30,
+                     disable=not config.eval.progress or jax.process_index() != 0)
+
+
+def _protocol(config, num_images: int, inception) -> dict:
     return {"split": f"{config.data.source}:{config.data.eval_split}",
-            "image_size": config.data.image_size, "crop": "center (ADM)",
+            "num_images": num_images,  # records read; results' num_images counts decoded ones
+            "image_size": config.data.image_size,
+            "crop": "center (ADM center_crop_arr: box-halve, bicubic short side, center crop)",
+            "value_range": "uint8 [0, 255] in; the model sees x / 127.5 - 1",
             "ssim_data_range": config.eval.ssim_data_range,
-            "uint8": "legacy +128" if config.eval.legacy_uint8_offset else "round"}
+            "uint8": "legacy +128" if config.eval.legacy_uint8_offset else "round",
+            "usage": "exact: distinct codes over all eval images / K, per sub-codebook",
+            "fid": inception_metrics.protocol(inception, config.eval)}
 
 
 def _write(results, grid, workdir, step, writer):
@@ -166,10 +196,15 @@ def _write(results, grid, workdir, step, writer):
         json.dump(results, f, indent=2)
     os.replace(path + ".tmp", path)
     image_grid.save_png(grid, os.path.join(eval_dir, f"{step}.png"))
-    logging.info("eval step %d: psnr %.3f ssim %.4f usage %s -> %s", step, results["psnr"],
-                 results["ssim"], results["usage"], path)
+    extra = (f" rfid {results['rfid']:.4f} is {results['is']:.3f}" if "rfid" in results
+             else " (no rFID/IS: " + results["protocol"]["fid"]["skipped"] + ")")
+    logging.info("eval step %d: psnr %.3f ssim %.4f usage %s%s -> %s", step, results["psnr"],
+                 results["ssim"], results["usage"], extra, path)
     if writer is not None:
         scalars = {"eval/psnr": results["psnr"], "eval/ssim": results["ssim"]}
+        for name in ("rfid", "is"):
+            if name in results:
+                scalars[f"eval/{name}"] = results[name]
         for name, usage in zip(results["branches"], results["usage"]):
             scalars[f"eval/usage/{name}"] = usage
         writer.write_scalars(step, scalars)
@@ -177,13 +212,20 @@ def _write(results, grid, workdir, step, writer):
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
-    """`--mode=eval`: evaluates the latest checkpoint of `workdir` (EMA params if present)."""
+    """`--mode=eval`: evaluates the latest checkpoint of `workdir` (EMA params if present),
+    writing `eval/<step>.json`, its PNGs and TensorBoard scalars."""
     config_lib.check_config(config, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
     checkpointing.check_config_matches(workdir, config)
+    inception = inception_metrics.load(config, mesh)  # a bad file stops us before restoring
     state = checkpointing.restore_latest_state(workdir, config, mesh)
     graphdef = model_graphdef(config)
     params = state.ema_params if state.ema_params is not None else state.params
-    return evaluate(config, params, state.model_state, eval_fn=compile_eval_step(
-        config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir,
-        analysis_fn=compile_analysis_step(config, graphdef, mesh))
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    try:
+        return evaluate(config, params, state.model_state, eval_fn=compile_eval_step(
+            config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir,
+            writer=writer, analysis_fn=compile_analysis_step(config, graphdef, mesh),
+            inception=inception)
+    finally:
+        writer.close()

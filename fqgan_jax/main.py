@@ -39,12 +39,12 @@ def main(argv):
         jax.distributed.initialize()
     import tensorflow as tf  # noqa: PLC0415
     tf.config.set_visible_devices([], "GPU")
-    from fqgan_jax import (checkpointing, config_lib, data, evaluate, pretrained,  # noqa: PLC0415
-                           train)
+    from fqgan_jax import (checkpointing, config_lib, data, evaluate, fid,  # noqa: PLC0415
+                           pretrained, train)
     logging.info("JAX process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices())
     user_errors = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointError,
-                   pretrained.PretrainedError, train.NonFiniteError)
+                   pretrained.PretrainedError, fid.FIDError, train.NonFiniteError)
     try:
         if _MODE.value == "train":
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -49,6 +49,33 @@ def listing(items: list[str]) -> str:
     return f"{shown} and {rest} more" if rest > 0 else shown
 
 
+def torch_layout_to_flax(array: np.ndarray) -> np.ndarray:
+    """A torch weight in Flax's layout: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    return array.T if array.ndim == 2 else array
+
+
+def map_state_dict(state: dict, key_to_path) -> tuple[dict[tuple, tuple[str, np.ndarray]],
+                                                       list[str]]:
+    """({our path: (torch key, float32 array)}, unknown keys) of a torch state dict, through a
+    network's `official_key_to_path` (None: not used, dropped; ValueError: unknown). A path that
+    two keys map to is an error naming both."""
+    mapped, unknown = {}, []
+    for key, array in state.items():
+        try:
+            path = key_to_path(key)
+        except ValueError:
+            unknown.append(key)
+            continue
+        if path is None:
+            continue
+        if path in mapped:
+            raise PretrainedError(f"Two arrays for {path_key(path)}: {mapped[path][0]} and {key}.")
+        mapped[path] = (key, np.asarray(array, np.float32))
+    return mapped, unknown
+
+
 def _flat(state: nnx.State) -> dict[str, object]:
     return {path_key(path): leaf for path, leaf in nnx.to_flat_state(state)}
 

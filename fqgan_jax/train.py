@@ -18,7 +18,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
 from fqgan_jax import (checkpointing, config_lib, data, evaluate, frozen_nets, image_grid,
-                       sharding)
+                       inception_metrics, sharding)
 from fqgan_jax.train_state import Components, abstract_state, create_train_state, make_components
 from fqgan_jax.train_step import compile_train_step
 
@@ -41,11 +41,13 @@ class Run:
     writer: object
     eval_fn: object  # jitted evaluate.eval_step
     analysis_fn: object  # jitted evaluate.analysis_step (FQGAN Figures 3-4)
+    inception: object  # inception_metrics.InceptionEval for rFID / IS, or None (no weights)
 
 
 def setup(config, workdir: str) -> Run:
     """Validates config, data, weight files and workdir before anything is compiled."""
     config = frozen_nets.resolve(config)
+    inception_metrics.resolve(config.eval)  # weight files first, as frozen_nets.resolve
     config_lib.check_config(config, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
     for split in ("train", "eval"):
@@ -53,6 +55,7 @@ def setup(config, workdir: str) -> Run:
     logging.info("data: %s", data.describe(config.data))
     checkpointing.check_config_matches(workdir, config)
     frozen = frozen_nets.load(config, mesh)  # a bad weights file stops us before any write
+    inception = inception_metrics.load(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -68,7 +71,8 @@ def setup(config, workdir: str) -> Run:
                writer=metric_writers.create_default_writer(
                    workdir, just_logging=jax.process_index() > 0, asynchronous=True),
                eval_fn=evaluate.compile_eval_step(config, components.graphdef, mesh),
-               analysis_fn=evaluate.compile_analysis_step(config, components.graphdef, mesh))
+               analysis_fn=evaluate.compile_analysis_step(config, components.graphdef, mesh),
+               inception=inception)
 
 
 def restore_or_init(run: Run, data_iterator):
@@ -187,7 +191,7 @@ def _maybe_eval(run: Run, state, step: int, *, force: bool):
         return None
     params = state.ema_params if state.ema_params is not None else state.params
     return evaluate.evaluate(run.config, params, state.model_state, eval_fn=run.eval_fn,
-                             analysis_fn=run.analysis_fn,
+                             analysis_fn=run.analysis_fn, inception=run.inception,
                              mesh=run.mesh, step=step, workdir=run.workdir, writer=run.writer)
 
 

@@ -79,6 +79,30 @@ def trained_workdir(tmp_path_factory):
     return workdir, result
 
 
+@pytest.fixture(scope="session")
+def fid_inception_torch_state():
+    """A random FID Inception state dict with realistic BatchNorm statistics (torch_reference)."""
+    from torch_reference import random_fid_inception_state_dict
+
+    return random_fid_inception_state_dict()
+
+
+@pytest.fixture(scope="session")
+def fid_inception_weights(tmp_path_factory, fid_inception_torch_state):
+    """That state dict saved as pytorch-fid's .pth and converted by our CLI: the weights file."""
+    import torch
+
+    from fqgan_jax.models import inception
+    from fqgan_jax.tools import convert
+
+    directory = tmp_path_factory.mktemp("inception")
+    torch.save(fid_inception_torch_state, directory / "pt_inception.pth")
+    out = directory / inception.WEIGHTS_FILENAME
+    assert convert.main(["inception", f"--pth={directory / 'pt_inception.pth'}",
+                         f"--out={out}"]) == 0
+    return str(out)
+
+
 def make_step(config, devices=None, frozen=None):
     """(initial state, compiled train step, mesh) for `config` on `devices` (default: one);
     `frozen` defaults to what frozen_nets.load gives the config (the tiny random teacher)."""

@@ -237,6 +237,10 @@ def test_folder_eval_counts_each_good_image_once(image_folder):
     assert len(batches) == 4  # ceil(11 records / 3): bad records only shrink the last batch
     assert sum(int(batch["mask"].sum()) for batch in batches) == 8
     assert sum(batch["num_skipped"] for batch in batches) == 3
+    source = sources.make_source(config, "eval")
+    good = [i for i in range(len(source)) if "bad_" not in source[i]["name"]]
+    # Indices are record numbers: a skipped image leaves a gap, it does not shift the rest.
+    assert [i for b in batches for i in b["index"][b["mask"]]] == good
     for batch in batches:
         assert batch["image"].shape == (3, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert not batch["image"][~batch["mask"]].any()  # padding rows are zeros
@@ -422,7 +426,8 @@ def test_eval_batches_pad_mask_and_cover_each_image_once():
     assert list(batches[-1]["mask"]) == [True] * 8 + [False] * 4
     for first, second in zip(batches, single):  # re-iterable and deterministic
         np.testing.assert_array_equal(first["image"], second["image"])
-    seen = []
+    assert list(batches[-1]["index"]) == list(range(24, 32)) + [-1] * 4
+    seen, indices = [], []
     num_batches = set()
     for process_index in range(3):
         per_process = data.make_eval_batches(config, batch_size=5, process_index=process_index,
@@ -431,8 +436,13 @@ def test_eval_batches_pad_mask_and_cover_each_image_once():
         num_batches.add(len(process_batches))
         for batch in process_batches:
             seen.extend(image.tobytes() for image in batch["image"][batch["mask"]])
+            indices.extend(batch["index"][batch["mask"]])
+            for index, image in zip(batch["index"][batch["mask"]], batch["image"][batch["mask"]]):
+                assert image.tobytes() == data.center_crop(source[index]["image"], 32).tobytes()
+            assert (batch["index"][~batch["mask"]] == -1).all()
     assert num_batches == {3}  # ceil(ceil(32 / 3) / 5): equal on every process
     assert len(seen) == 32 and set(seen) == expected
+    assert sorted(indices) == list(range(32))  # each record's own index, on every host count
     subset = list(data.make_eval_batches(config, batch_size=5, num_images=7))
     assert [int(b["mask"].sum()) for b in subset] == [5, 2]
 

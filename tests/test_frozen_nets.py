@@ -126,12 +126,16 @@ def test_full_presets_carry_the_official_objective():
 @pytest.mark.parametrize("missing, expected", [
     ("lpips", "fqgan_jax.tools.convert lpips"),
     ("teacher", "huggingface-cli download openai/clip-vit-large-patch14"),
+    ("inception", "fqgan_jax.tools.convert inception"),
 ])
 def test_cli_reports_missing_weights_without_a_traceback(tmp_path, missing, expected):
-    """The full Dual preset without its LPIPS file, or without its CLIP teacher's snapshot."""
-    flags = ([f"--config.loss.lpips_weights={tmp_path / 'x.npz'}",
-              "--config.loss.semantic_weight=0"] if missing == "lpips" else
-             [f"--config.teachers.sem.path={tmp_path / 'clip'}"])
+    """The full Dual preset without its LPIPS file, its CLIP teacher's snapshot, or the FID
+    Inception file its eval config names."""
+    flags = {"lpips": [f"--config.loss.lpips_weights={tmp_path / 'x.npz'}",
+                       "--config.loss.semantic_weight=0"],
+             "teacher": [f"--config.teachers.sem.path={tmp_path / 'clip'}"],
+             "inception": ["--config.loss.perceptual_weight=0", "--config.loss.semantic_weight=0",
+                           f"--config.eval.inception_weights={tmp_path / 'fid.npz'}"]}[missing]
     result = subprocess.run(
         [sys.executable, "-m", "fqgan_jax.main", "--config=configs/dual.py",
          f"--workdir={tmp_path / 'w'}", *flags],

@@ -120,7 +120,8 @@ def make_train_iterator(data_config, *, batch_size: int, seed: int, process_inde
 
 class EvalBatches:
     """Finite, re-iterable eval batches `{"image": uint8 [b, S, S, 3], "mask": bool [b],
-    "num_skipped": int}`.
+    "index": int32 [b], "num_skipped": int}`; `index` is each image's record number in the eval
+    split (-1 on padding rows), which fixes e.g. its Inception Score split on any host count.
 
     Each process takes `[process_index::process_count]` of the first `num_images` records and
     center-crops them (spec §5.1). Every process yields the same number of batches (`len(self)`),
@@ -143,6 +144,7 @@ class EvalBatches:
         dataset = grain.MapDataset.source(source)[:self.num_images]
         self._dataset = dataset[process_index::process_count].map(
             EvalTransform(data_config.image_size))
+        self._process_index, self._process_count = process_index, process_count
         self._num_batches = math.ceil(math.ceil(self.num_images / process_count) / batch_size)
 
     def __len__(self) -> int:
@@ -156,32 +158,35 @@ class EvalBatches:
             elements.close()
 
     def _batches(self, elements: Iterator) -> Iterator[dict]:
-        images, num_skipped, total_skipped, num_yielded = [], 0, 0, 0
-        for element in elements:
+        images, indices, num_skipped, total_skipped, num_yielded = [], [], 0, 0, 0
+        for position, element in enumerate(elements):
             if isinstance(element, BadRecord):
                 logging.warning("Skipping bad eval image %s: %s", element.name, element.reason)
                 num_skipped += 1
                 total_skipped += 1
                 continue
             images.append(element["image"])
+            indices.append(self._process_index + position * self._process_count)
             if len(images) == self.batch_size:
-                yield self._make_batch(images, num_skipped)
-                images, num_skipped, num_yielded = [], 0, num_yielded + 1
+                yield self._make_batch(images, indices, num_skipped)
+                images, indices, num_skipped, num_yielded = [], [], 0, num_yielded + 1
         # Pad up to the shared batch count. Trailing skips always land in a yielded batch: a
         # process never has more than len(self) * batch_size records, so if all batches were
         # already full there were no bad records left to count.
         for _ in range(self._num_batches - num_yielded):
-            yield self._make_batch(images, num_skipped)
-            images, num_skipped = [], 0
+            yield self._make_batch(images, indices, num_skipped)
+            images, indices, num_skipped = [], [], 0
         if total_skipped:
             logging.warning("Eval skipped %d bad images in this process.", total_skipped)
 
-    def _make_batch(self, images: list, num_skipped: int) -> dict:
+    def _make_batch(self, images: list, indices: list, num_skipped: int) -> dict:
         padded = np.zeros((self.batch_size, self.image_size, self.image_size, 3), np.uint8)
+        index = np.full((self.batch_size,), -1, np.int32)
         if images:
             padded[:len(images)] = np.stack(images)
+            index[:len(images)] = indices
         mask = np.arange(self.batch_size) < len(images)
-        return {"image": padded, "mask": mask, "num_skipped": num_skipped}
+        return {"image": padded, "mask": mask, "index": index, "num_skipped": num_skipped}
 
 
 def make_eval_batches(data_config, *, batch_size: int, num_images: int | None = None,

@@ -204,23 +204,12 @@ def convert_torch_state_dict(vgg_state: dict[str, np.ndarray],
 
 def _convert_part(source: str, state: dict, part: str, expected: dict) -> dict:
     """{path: HWIO array} from the keys of `state` that belong to `part` ("vgg" or "lins")."""
-    values, unknown, wrong_shape, sources = {}, [], [], {}
-    for key, array in state.items():
-        try:
-            path = official_key_to_path(key)
-        except ValueError:
-            unknown.append(key)
+    mapped, unknown = pretrained.map_state_dict(state, official_key_to_path)
+    values, wrong_shape = {}, []
+    for path, (key, array) in mapped.items():
+        if path[0] != part:
             continue
-        if path is None or path[0] != part:
-            continue
-        if path in sources:
-            raise pretrained.PretrainedError(
-                f"The {source} file has two values for {pretrained.path_key(path)}: "
-                f"{sources[path]} and {key}.")
-        sources[path] = key
-        array = np.asarray(array, np.float32)
-        if array.ndim == 4:
-            array = array.transpose(2, 3, 1, 0)  # torch OIHW -> Flax HWIO
+        array = pretrained.torch_layout_to_flax(array)
         if array.shape != expected[path].shape:
             wrong_shape.append(f"{key} {array.shape} (expected {expected[path].shape})")
         values[path] = array

@@ -1,6 +1,8 @@
 """Converts official PyTorch weights into fqgan_jax weights files (format: fqgan_jax.pretrained).
 
     python -m fqgan_jax.tools.convert lpips --vgg16=vgg16-397923af.pth [--lin=vgg.pth] [--out=PATH]
+    python -m fqgan_jax.tools.convert inception --pth=pt_inception-2015-12-05-6726825d.pth \
+        [--out=PATH]
 
 `lpips`: LPIPS-VGG16. --vgg16 is torchvision's ImageNet VGG16 state dict
 (https://download.pytorch.org/models/vgg16-397923af.pth), or an `lpips.LPIPS(net='vgg')`
@@ -8,8 +10,13 @@ module's full state dict, which also holds the heads. --lin defaults to the head
 inside the installed `lpips` package (weights/v0.1/vgg.pth). --out defaults to where training
 looks: $FQGAN_JAX_WEIGHTS_DIR/lpips_vgg16.npz, else ~/.cache/fqgan_jax/lpips_vgg16.npz.
 
-Only this conversion needs torch; training reads the .npz alone. (Subcommands to come: dinov2,
-clip, inception, tokenizer.)
+`inception`: the FID InceptionV3 (TF's inception-2015-12-05 graph). --pth is pytorch-fid's port
+of it (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/
+pt_inception-2015-12-05-6726825d.pth), not torchvision's ImageNet inception_v3, which the
+converter recognises and refuses. --out defaults to fid_inception_v3.npz in the same directory.
+
+Only this conversion needs torch; training and evaluation read the .npz alone. (Subcommands to
+come: dinov2, clip, tokenizer.)
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from fqgan_jax import pretrained
-from fqgan_jax.models import lpips
+from fqgan_jax.models import inception, lpips
 
 EXIT_USER_ERROR = 2  # as argparse's own usage errors
 
@@ -75,13 +82,25 @@ def convert_lpips(args: argparse.Namespace) -> None:
             print(f"Using the heads of --lin={args.lin}, not those in --vgg16.")
         lin_state = read_torch_state_dict(args.lin or packaged_lpips_heads(), "--lin")
     params = lpips.convert_torch_state_dict(vgg_state, lin_state)
-    out = os.path.expanduser(args.out or pretrained.default_path(lpips.WEIGHTS_FILENAME))
+    save_weights(params, args.out or pretrained.default_path(lpips.WEIGHTS_FILENAME),
+                 kind=lpips.WEIGHTS_KIND)
+
+
+def convert_inception(args: argparse.Namespace) -> None:
+    params = inception.convert_torch_state_dict(read_torch_state_dict(args.pth, "--pth"))
+    save_weights(params, args.out or pretrained.default_path(inception.WEIGHTS_FILENAME),
+                 kind=inception.WEIGHTS_KIND)
+
+
+def save_weights(params: nnx.State, out: str, *, kind: str) -> None:
+    """Writes `params` to `out` (the --out value, or its default) and prints a summary line."""
+    out = os.path.expanduser(out)
     try:
-        pretrained.save(out, params, kind=lpips.WEIGHTS_KIND)
+        pretrained.save(out, params, kind=kind)
     except OSError as error:
         raise pretrained.PretrainedError(f"--out: cannot write {out} ({error}).") from error
     leaves = jax.tree.leaves(nnx.to_pure_dict(params))
-    print(f"Wrote {out}: {lpips.WEIGHTS_KIND}, {len(leaves)} arrays, "
+    print(f"Wrote {out}: {kind}, {len(leaves)} arrays, "
           f"{sum(leaf.size for leaf in leaves):,} parameters, "
           f"{os.path.getsize(out) / 2**20:.1f} MiB.")
 
@@ -99,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     lpips_parser.add_argument("--out", default=None, help=(
         f"output .npz (default: {pretrained.default_path(lpips.WEIGHTS_FILENAME)})"))
     lpips_parser.set_defaults(run=convert_lpips)
+    inception_parser = commands.add_parser(
+        "inception", help="the FID InceptionV3 (TF's inception-2015-12-05, for FID and IS)")
+    inception_parser.add_argument("--pth", required=True,
+                                  help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    inception_parser.add_argument("--out", default=None, help=(
+        f"output .npz (default: {pretrained.default_path(inception.WEIGHTS_FILENAME)})"))
+    inception_parser.set_defaults(run=convert_inception)
     return parser
 
 

@@ -1,0 +1,120 @@
+"""`--mode=eval` with rFID and IS: the full JSON and TensorBoard scalars with the FID Inception
+configured, rFID against a reference-statistics file equal to rFID against the originals, and
+clear errors, before any compute, for missing or wrong files."""
+
+import glob
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from fqgan_jax import config_lib, data, evaluate, fid, pretrained, train
+from fqgan_jax.models import inception
+
+
+def _config(workdir, **eval_overrides):
+    config = config_lib.config_from_dict(json.loads((workdir / "config.json").read_text()))
+    config.eval.update(eval_overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(trained_workdir, tmp_path_factory):
+    """A copy of the shared run, so these evals do not rewrite the files other tests read."""
+    copy = tmp_path_factory.mktemp("eval_metrics") / "run"
+    shutil.copytree(trained_workdir[0], copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def full_eval(workdir, fid_inception_weights):
+    config = _config(workdir, inception_weights=fid_inception_weights, fid_method="eigh")
+    return evaluate.evaluate_workdir(config, str(workdir))
+
+
+def test_eval_mode_writes_rfid_and_is(workdir, full_eval, trained_workdir):
+    saved = json.loads((workdir / "eval" / "4.json").read_text())
+    assert saved == json.loads(json.dumps(full_eval))
+    assert {"psnr", "ssim", "usage", "perplexity", "num_images", "rfid", "is", "is_std",
+            "protocol"} <= set(saved)
+    for key in ("psnr", "ssim", "usage"):  # the Inception pass changes nothing else
+        np.testing.assert_allclose(saved[key], trained_workdir[1][key], rtol=1e-6)
+    assert np.isfinite(saved["rfid"]) and saved["rfid"] > 0
+    assert 1.0 < saved["is"] < inception.NUM_CLASSES and saved["is_std"] >= 0
+    protocol = saved["protocol"]["fid"]
+    assert "pytorch-fid" in protocol["network"] and "2x - 1" in protocol["preprocess"]
+    assert protocol["reference"].startswith("the eval originals")
+    assert saved["protocol"]["num_images"] == 8 and "center" in saved["protocol"]["crop"]
+    tags = set()
+    import tensorflow as tf  # noqa: PLC0415 (clu's writer already imported it)
+    for path in glob.glob(str(workdir / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    assert {"eval/rfid", "eval/is", "eval/psnr", "eval/usage/sem"} <= tags
+
+
+def test_rfid_against_a_stats_file_of_the_originals_equals_rfid_against_the_originals(
+        workdir, full_eval, fid_inception_weights, tmp_path):
+    """Mode (b) with the eval originals' statistics, computed here in one shot (float64 numpy
+    mean and covariance of all features at once), equals mode (a)'s streamed statistics."""
+    config = _config(workdir, inception_weights=fid_inception_weights, fid_method="eigh")
+    model = inception.load_inception(fid_inception_weights)
+    graphdef, params = nnx.split(model, nnx.Param)
+    features = jax.jit(lambda p, x: inception.features(graphdef, p, x / 255.0)["pool3"])
+    batches = list(data.make_eval_batches(config.data, batch_size=8, num_images=8))
+    pool3 = np.concatenate([np.asarray(features(params, b["image"][b["mask"]].astype(np.float32)),
+                                       np.float64) for b in batches])
+    assert pool3.shape == (8, inception.POOL3_DIM)
+    stats = tmp_path / "originals.npz"
+    fid.save_stats(str(stats), pool3.mean(0), np.cov(pool3, rowvar=False))
+    config.eval.fid_reference = str(stats)
+    again = evaluate.evaluate_workdir(config, str(workdir))
+    assert again["protocol"]["fid"]["reference"] == str(stats)
+    np.testing.assert_allclose(again["rfid"], full_eval["rfid"], rtol=1e-4)
+    np.testing.assert_allclose(again["is"], full_eval["is"], rtol=1e-6)
+
+
+def test_without_inception_weights_eval_says_so_and_skips_rfid(workdir, tmp_path, monkeypatch,
+                                                                caplog, capsys):
+    monkeypatch.setenv("FQGAN_JAX_WEIGHTS_DIR", str(tmp_path))  # nothing at the default path
+    with caplog.at_level("WARNING"):
+        result = evaluate.evaluate_workdir(_config(workdir), str(workdir))
+    assert "eval step 4: 100%" in capsys.readouterr().err  # the progress bar
+    assert "rfid" not in result and "is" not in result
+    assert "convert inception" in result["protocol"]["fid"]["skipped"]
+    assert "NOT rFID or IS" in caplog.text and str(tmp_path) in caplog.text
+
+
+@pytest.mark.parametrize("problem", ["missing_weights", "wrong_kind", "reference_dims",
+                                     "reference_missing"])
+def test_bad_inception_or_reference_files_fail_before_anything_is_written(
+        workdir, fid_inception_weights, tiny_config, tmp_path, problem):
+    if problem == "missing_weights":
+        overrides, error, words = dict(inception_weights=str(tmp_path / "none.npz")), \
+            pretrained.PretrainedError, ["none.npz does not exist", "convert inception"]
+    elif problem == "wrong_kind":  # an LPIPS-kind file where the Inception should be
+        wrong = tmp_path / "lpips.npz"
+        pretrained.save(str(wrong), nnx.State({"w": np.zeros(2, np.float32)}),
+                        kind="lpips_vgg16")
+        overrides, error, words = dict(inception_weights=str(wrong)), \
+            pretrained.PretrainedError, ["'lpips_vgg16'", "'fid_inception_v3'"]
+    else:
+        stats = tmp_path / "stats.npz"
+        if problem == "reference_dims":
+            fid.save_stats(str(stats), np.zeros(64), np.eye(64))
+        overrides, error, words = dict(inception_weights=fid_inception_weights,
+                                       fid_reference=str(stats)), fid.FIDError, \
+            ["pool3 has 2048"] if problem == "reference_dims" else ["does not exist"]
+    before = sorted(p.name for p in (workdir / "eval").iterdir())
+    with pytest.raises(error) as info:
+        evaluate.evaluate_workdir(_config(workdir, **overrides), str(workdir))
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == before
+    config = tiny_config()
+    config.eval.update(overrides)
+    with pytest.raises(error):  # training stops at setup too, before its workdir exists
+        train.setup(config, str(tmp_path / "new_run"))
+    assert not (tmp_path / "new_run").exists()
