@@ -27,7 +27,7 @@ from absl import logging
 from clu import metric_writers
 
 from fqgan_jax import (checkpointing, codebook_analysis, config_lib, data, image_grid,
-                       image_metrics, inception_metrics, inception_score, quantize, sharding)
+                       image_metrics, inception_metrics, quantize, sharding)
 from fqgan_jax.train_step import images_to_float
 from fqgan_jax.train_state import merge_model, model_graphdef
 
@@ -83,12 +83,8 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
     batches = data.make_eval_batches(
         config.data, batch_size=per_process, num_images=config.eval.num_images or None,
         process_index=jax.process_index(), process_count=jax.process_count())
-    if inception is not None:
-        inception_metrics.warn_if_few(batches.num_images)
-        acc = inception_metrics.init(inception, mesh)
-        starts = jax.device_put(inception_score.split_starts(batches.num_images,
-                                                             inception.splits),
-                                sharding.replicated(mesh))
+    inception_pass = (None if inception is None else
+                      inception_metrics.EvalPass(inception, mesh, batches.num_images))
     totals = {"psnr": 0.0, "ssim": 0.0, "n": 0}
     counts, grid, first = None, None, None
     for batch in _progress(batches, config, step):
@@ -96,9 +92,8 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
             {"image": batch["image"], "mask": batch["mask"], "index": batch["index"]},
             sharding.batch_sharding(mesh))
         out = eval_fn(params, model_state, {"image": inputs["image"], "mask": inputs["mask"]})
-        if inception is not None:
-            acc = inception.update(inception.params, acc, out["recon"], inputs["image"],
-                                   inputs["mask"], inputs["index"], starts)
+        if inception_pass is not None:
+            inception_pass.add(out["recon"], inputs["image"], inputs["mask"], inputs["index"])
         counts = out["counts"] if counts is None else counts + out["counts"]
         mask = np.asarray(jax.device_get(inputs["mask"]))
         for name in ("psnr", "ssim"):
@@ -121,8 +116,8 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
         "branches": list(config.model.branches),
         "protocol": _protocol(config, batches.num_images, inception),
     }
-    if inception is not None:
-        results.update(inception_metrics.results(inception, acc))
+    if inception_pass is not None:
+        results.update(inception_pass.results())
     if jax.process_index() == 0:
         _write(results, grid, workdir, step, writer)
     if analysis_fn is not None and any(_analysis_outputs(config)):

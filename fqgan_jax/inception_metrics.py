@@ -46,7 +46,10 @@ class InceptionEval:
     preprocess: str
     method: str  # fid.frechet_distance's
     splits: int
-    update: object  # jitted `update_step`
+    updates: dict  # with_real -> jitted `update_step`
+    # The eval originals' (mu, sigma) by image count, once a pass has computed them: later evals
+    # of the run send only the reconstructions through the network (half the cost).
+    originals: dict = dataclasses.field(default_factory=dict)
 
 
 def weights_path(eval_config) -> str:
@@ -93,14 +96,13 @@ def load(config, mesh) -> InceptionEval | None:
                                                           shard=config.mesh.shard_frozen))
     logging.info("FID Inception weights: %s; rFID against %s", path,
                  config.eval.fid_reference or "the eval originals")
-    step = functools.partial(update_step, graphdef=graphdef, preprocess=config.eval.fid_preprocess,
-                             with_real=reference is None)
-    replicated = sharding.replicated(mesh)
-    update = jax.jit(step, out_shardings=replicated, donate_argnums=1)
+    updates = {with_real: jax.jit(
+        functools.partial(update_step, graphdef=graphdef, preprocess=config.eval.fid_preprocess,
+                          with_real=with_real),
+        out_shardings=sharding.replicated(mesh), donate_argnums=1) for with_real in (False, True)}
     return InceptionEval(path=path, graphdef=graphdef, params=params, reference=reference,
                          preprocess=config.eval.fid_preprocess, method=config.eval.fid_method,
-                         splits=config.eval.is_splits,
-                         update=update)
+                         splits=config.eval.is_splits, updates=updates)
 
 
 def warn_if_few(num_images: int) -> None:
@@ -111,13 +113,36 @@ def warn_if_few(num_images: int) -> None:
             num_images, inception.POOL3_DIM)
 
 
-def init(evaluator: InceptionEval, mesh) -> dict:
-    """Empty accumulators, replicated: recon (and real) pool3 moments, IS sums."""
-    acc = {"recon": fid.init_moments(inception.POOL3_DIM),
-           "is": inception_score.init_sums(inception.NUM_CLASSES, evaluator.splits)}
-    if evaluator.reference is None:
-        acc["real"] = fid.init_moments(inception.POOL3_DIM)
-    return jax.device_put(acc, sharding.replicated(mesh))
+class EvalPass:
+    """rFID / IS over one pass of the eval loop: `add` each batch, then `results`."""
+
+    def __init__(self, evaluator: InceptionEval, mesh, num_images: int):
+        warn_if_few(num_images)
+        self.evaluator, self.num_images = evaluator, num_images
+        self.reference = evaluator.reference or evaluator.originals.get(num_images)
+        acc = {"recon": fid.init_moments(inception.POOL3_DIM),
+               "is": inception_score.init_sums(inception.NUM_CLASSES, evaluator.splits)}
+        if self.reference is None:
+            acc["real"] = fid.init_moments(inception.POOL3_DIM)
+        replicated = sharding.replicated(mesh)
+        self.acc = jax.device_put(acc, replicated)
+        self.starts = jax.device_put(
+            inception_score.split_starts(num_images, evaluator.splits), replicated)
+
+    def add(self, recon, real, mask, index) -> None:
+        """uint8 reconstructions and originals, mask and dataset index: global batch arrays."""
+        update = self.evaluator.updates[self.reference is None]
+        self.acc = update(self.evaluator.params, self.acc, recon, real, mask, index, self.starts)
+
+    def results(self) -> dict:
+        mu, sigma = fid.gaussian(self.acc["recon"])
+        reference = self.reference
+        if reference is None:
+            reference = self.evaluator.originals[self.num_images] = fid.gaussian(self.acc["real"])
+        is_mean, is_std = inception_score.score(self.acc["is"])
+        return {"rfid": fid.frechet_distance(mu, sigma, *reference,
+                                             method=self.evaluator.method),
+                "is": is_mean, "is_std": is_std}
 
 
 def update_step(params, acc: dict, recon, real, mask, index, starts, *, graphdef,
@@ -134,15 +159,6 @@ def update_step(params, acc: dict, recon, real, mask, index, starts, *, graphdef
     acc["is"] = inception_score.update_sums(acc["is"], out["logits_unbiased"][:batch], mask,
                                             index, starts)
     return acc
-
-
-def results(evaluator: InceptionEval, acc: dict) -> dict:
-    mu, sigma = fid.gaussian(acc["recon"])
-    reference = evaluator.reference or fid.gaussian(acc["real"])
-    is_mean, is_std = inception_score.score(acc["is"])
-    return {"rfid": fid.frechet_distance(mu, sigma, *reference, method=evaluator.method),
-            "is": is_mean,
-            "is_std": is_std}
 
 
 def protocol(evaluator: InceptionEval | None, eval_config) -> dict:

@@ -1,5 +1,5 @@
-"""Exact resume: an interrupted run (also by kill -9) ends where an uninterrupted one does. The
-kill -9 run is the Dual smoke preset, so its random teacher and InfoNCE head are in it."""
+"""Exact resume: an interrupted run (also by kill -9) ends where an uninterrupted one does, the
+random tiny teacher and its InfoNCE head included in both."""
 
 import json
 import os
@@ -32,15 +32,20 @@ def _assert_same(params_a, params_b):
     jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
-def test_resume_in_process_is_exact(tiny_config, tmp_path):
-    full = tmp_path / "full"
-    full_eval = train.train_and_evaluate(tiny_config(), str(full))
+def test_resume_in_process_is_exact(trained_workdir, tmp_path):
+    """Two steps, then a second run to four, against the shared uninterrupted four-step run
+    (with its tiny teacher and the Figure 3-4 analysis)."""
+    full, full_eval = trained_workdir
+    config = lambda: config_lib.config_from_dict(  # noqa: E731
+        json.loads((full / "config.json").read_text()))
     parts = tmp_path / "parts"
-    train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), str(parts))
-    resumed_eval = train.train_and_evaluate(tiny_config(), str(parts))
+    first = config()
+    first.train.num_steps = 2
+    train.train_and_evaluate(first, str(parts))
+    resumed_eval = train.train_and_evaluate(config(), str(parts))
     assert resumed_eval == full_eval
     (params_full, step_full), (params_parts, step_parts) = (
-        _final(full, tiny_config()), _final(parts, tiny_config()))
+        _final(full, config()), _final(parts, config()))
     assert step_full == step_parts == 4
     _assert_same(params_full, params_parts)
 
