@@ -15,8 +15,8 @@ of it (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/
 pt_inception-2015-12-05-6726825d.pth), not torchvision's ImageNet inception_v3, which the
 converter recognises and refuses. --out defaults to fid_inception_v3.npz in the same directory.
 
-Only this conversion needs torch; training and evaluation read the .npz alone. (Subcommands to
-come: dinov2, clip, tokenizer.)
+Only this conversion needs torch; training and evaluation read the .npz alone. The CLIP and
+DINOv2 teachers need no conversion: they load from Hugging Face snapshots (fqgan_jax/teachers.py).
 """
 
 from __future__ import annotations
