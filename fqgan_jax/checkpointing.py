@@ -111,7 +111,7 @@ def restore_latest_state(workdir: str, config, mesh, step: int | None = None):
                 f"No checkpoint in {workdir}/checkpoints. Train first (--mode=train) or pass "
                 "the workdir of a finished run.")
         abstract = train_state.abstract_state(config, train_state.make_components(config))
-        target = with_shardings(abstract, sharding.state_shardings(abstract, mesh))
+        target = with_shardings(abstract, sharding.state_shardings(abstract, mesh, config.mesh))
         state, _ = checkpointer.restore(step, target)
     finally:
         checkpointer.close()

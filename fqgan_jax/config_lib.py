@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
         l2_normalize=True,
         entropy_temperature=0.01,
         search_memory_mb=256,  # nearest-neighbour search never builds a bigger N x K block
+        shard_codebook=False,  # search codebook rows split over the mesh's fsdp axis (large K)
+        remat=False,  # recompute encoder/decoder ResnetBlocks in the backward pass (less memory)
         dtype="bfloat16",  # compute dtype; params and the quantizer stay float32
     ))
 
@@ -110,6 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
         image_every=5000,  # reconstruction grids (TensorBoard + PNG)
         max_nonfinite_steps=20,  # consecutive skipped updates before the run stops
         usage_window_steps=100,  # running usage: codes assigned within this many steps
+        profile_steps=0,  # > 0: a jax.profiler trace of that many steps in WORKDIR/profile
+        profile_first_step=10,  # 1-based; later than 1 keeps compilation out of the trace
     ))
 
     config.data = ml_collections.ConfigDict(dict(
@@ -152,7 +156,17 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Device mesh; -1 takes the remaining devices. shard_frozen splits each big frozen weight
     # (teachers, LPIPS) over the devices instead of keeping a full copy on each.
-    config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",), shard_frozen=False))
+    config.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1),  # (data, fsdp); e.g. (-1, 8) shards the state over groups of 8 devices
+        axes=("data", "fsdp"),
+        # Train-state leaves: ((path regex, spec), ...), first match wins, spec = one mesh axis
+        # name or None per dimension, () = replicated; unmatched leaves shard their largest
+        # dimension over `fsdp` (fqgan_jax/sharding.py). Paths look like
+        # "params/quantize/codebook", "opt_state/0/mu/decoder/conv_in/kernel".
+        rules=(),
+        fsdp_min_size=2**14,  # leaves with fewer elements stay replicated
+        shard_frozen=False,  # teachers / LPIPS / Inception: split over all devices, not copied
+    ))
     return config
 
 
@@ -206,7 +220,9 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
 
 
 def single_device_mesh() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(shape=(1,), axes=("data",)))
+    mesh = base_config().mesh
+    mesh.shape = (1, 1)
+    return mesh
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -287,7 +303,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                         "0 < min <= max <= 1.")
     for key in ("train.num_steps", "train.log_every", "train.checkpoint_every",
                 "train.eval_every", "train.image_every", "train.max_nonfinite_steps",
-                "train.usage_window_steps", "train.keep_checkpoints", "eval.is_splits"):
+                "train.usage_window_steps", "train.keep_checkpoints", "eval.is_splits",
+                "train.profile_first_step"):
         if _get(config, key) <= 0:
             problems.append(f"config.{key} must be positive, got {_get(config, key)}.")
     for key, value in config.loss.items():
@@ -300,6 +317,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         problems.append("config.optimizer.ema_decay must be in [0, 1).")
     problems += _gan_problems(config.gan)
     problems += _teacher_problems(config, num_devices)
+    problems += _mesh_problems(config.mesh, num_devices)
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -371,6 +389,31 @@ def _teacher_problems(config, num_devices):
                         f"device for negatives; train.batch_size={config.train.batch_size} on "
                         f"{num_devices} devices gives {per_device}. Raise the batch or use "
                         "'global'.")
+    return problems
+
+
+def _mesh_problems(mesh, num_devices):
+    from fqgan_jax import sharding  # noqa: PLC0415 (imports jax)
+
+    problems = []
+    if len(tuple(mesh.shape)) != len(tuple(mesh.axes)):
+        problems.append(f"config.mesh.shape={tuple(mesh.shape)} and config.mesh.axes="
+                        f"{tuple(mesh.axes)} must have the same length.")
+    else:
+        try:
+            sharding.mesh_shape(mesh.shape, num_devices)
+        except ValueError as error:
+            problems.append(str(error))
+    for rule in mesh.rules:
+        if (len(rule) != 2 or not isinstance(rule[0], str)
+                or not all(a is None or a in tuple(mesh.axes) for a in rule[1])):
+            problems.append(f"config.mesh.rules entry {rule!r} must be (path regex, spec) with "
+                            f"spec made of None and axis names from {tuple(mesh.axes)}.")
+            continue
+        try:
+            re.compile(rule[0])
+        except re.error as error:
+            problems.append(f"config.mesh.rules: {rule[0]!r} is not a regex ({error}).")
     return problems
 
 

@@ -218,9 +218,10 @@ def evaluate_workdir(config, workdir: str) -> dict:
     params = state.ema_params if state.ema_params is not None else state.params
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     try:
-        return evaluate(config, params, state.model_state, eval_fn=compile_eval_step(
-            config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir,
-            writer=writer, analysis_fn=compile_analysis_step(config, graphdef, mesh),
-            inception=inception)
+        with jax.set_mesh(mesh):
+            return evaluate(config, params, state.model_state, eval_fn=compile_eval_step(
+                config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir,
+                writer=writer, analysis_fn=compile_analysis_step(config, graphdef, mesh),
+                inception=inception)
     finally:
         writer.close()

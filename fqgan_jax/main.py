@@ -2,6 +2,7 @@ r"""Entry point: `python -m fqgan_jax.main --config=configs/dual.py --workdir=DI
 
   --mode=train   trains (resuming from DIR if it holds a checkpoint), evaluating along the way
   --mode=eval    evaluates the latest checkpoint in DIR on the eval split
+  --distributed  multi-host: every host runs the same command (launch/ has the scripts)
   --config.x=y   overrides any config key (see fqgan_jax/config_lib.py)
 """
 
@@ -16,7 +17,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:preset].
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evals.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU). Without the "
+    "three flags below JAX finds the cluster itself (TPU pod metadata, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for --distributed on a cluster JAX "
+    "does not detect (env JAX_COORDINATOR_ADDRESS also works).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank, 0-based.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +43,9 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax  # noqa: PLC0415
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     import tensorflow as tf  # noqa: PLC0415
     tf.config.set_visible_devices([], "GPU")
     from fqgan_jax import (checkpointing, config_lib, data, evaluate, fid,  # noqa: PLC0415

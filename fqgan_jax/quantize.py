@@ -141,8 +141,8 @@ def _code_distances(z: jax.Array, codes: jax.Array, normalized: bool) -> jax.Arr
 
 def _search_code_chunks(
     z: jax.Array, chunks: jax.Array, offsets: jax.Array, codebook_size: int, normalized: bool
-) -> jax.Array:
-    """Scans code chunks keeping a running (min distance, argmin) per row."""
+) -> tuple[jax.Array, jax.Array]:
+    """Scans code chunks keeping a running (min distance, argmin) per row; returns both."""
 
     def scan_chunk(carry, chunk_and_offset):
         best_distance, best_index = carry
@@ -160,8 +160,8 @@ def _search_code_chunks(
 
     num_rows = z.shape[0]
     init = (jnp.full((num_rows,), jnp.inf, jnp.float32), jnp.zeros((num_rows,), jnp.int32))
-    (_, best_index), _ = lax.scan(scan_chunk, init, (chunks, offsets))
-    return best_index
+    best, _ = lax.scan(scan_chunk, init, (chunks, offsets))
+    return best
 
 
 def nearest_code(
@@ -181,6 +181,19 @@ def nearest_code(
     scanned in chunks, and rows are blocked with ``lax.map`` when even a minimal chunk is too big.
     Works under jit, vmap (over sub-codebooks) and with ``z`` sharded along N.
     """
+    return nearest_code_and_distance(z, codebook, normalized=normalized,
+                                     memory_budget_bytes=memory_budget_bytes)[0]
+
+
+def nearest_code_and_distance(
+    z: jax.Array,
+    codebook: jax.Array,
+    *,
+    normalized: bool = False,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> tuple[jax.Array, jax.Array]:
+    """`nearest_code`'s (int32 [N] index, float32 [N] distance up to a per-row constant): the
+    distance lets searches over disjoint codebook shards be merged (codebook_sharding.py)."""
     _check_rows_and_codebook(z, codebook, "nearest_code")
     # Indices are not differentiable; cutting the tangents keeps autodiff out of the scan.
     z = lax.stop_gradient(jnp.asarray(z, jnp.float32))
@@ -189,7 +202,7 @@ def nearest_code(
     plan = _plan_blocks(num_rows, codebook_size, memory_budget_bytes)
     if plan.is_single_block:
         distances = _code_distances(z, codebook, normalized)
-        return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+        return jnp.argmin(distances, axis=-1).astype(jnp.int32), jnp.min(distances, axis=-1)
 
     chunks, offsets = _chunk_codebook(codebook, plan)
     search_rows = functools.partial(
@@ -197,10 +210,12 @@ def nearest_code(
         codebook_size=codebook_size, normalized=normalized,
     )
     if plan.num_row_blocks == 1:
-        return search_rows(z)
+        distance, index = search_rows(z)
+        return index, distance
     padded_rows = _pad_leading(z, plan.num_row_blocks * plan.row_block)
     row_blocks = padded_rows.reshape(plan.num_row_blocks, plan.row_block, z.shape[1])
-    return lax.map(search_rows, row_blocks).reshape(-1)[:num_rows]
+    distance, index = lax.map(search_rows, row_blocks)
+    return index.reshape(-1)[:num_rows], distance.reshape(-1)[:num_rows]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,9 +479,13 @@ class FactorizedQuantizer(nnx.Module):
         l2_normalize: bool = True,
         entropy_temperature: float = 0.01,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        shard_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
         self.num_codebooks = num_codebooks
+        # With a mesh set (jax.set_mesh) whose `shard_axis` has > 1 device, the search runs on
+        # codebook rows split over that axis (codebook_sharding.py); otherwise whole per device.
+        self.shard_axis = shard_axis
         self.codebook_size = codebook_size
         self.code_dim = code_dim
         self.l2_normalize = l2_normalize
@@ -497,7 +516,7 @@ class FactorizedQuantizer(nnx.Module):
         # One search per sub-codebook in a single vmap; the budget is shared between them because
         # vmap runs all k chunk searches side by side.
         search = functools.partial(
-            nearest_code, normalized=self.l2_normalize,
+            self._search_function(), normalized=self.l2_normalize,
             memory_budget_bytes=max(1, self.memory_budget_bytes // self.num_codebooks),
         )
         indices = jax.vmap(search, in_axes=(1, 0), out_axes=1)(z, codebook)
@@ -514,6 +533,13 @@ class FactorizedQuantizer(nnx.Module):
             commitment_loss=commitment_loss,
             entropy_loss=entropy,
         )
+
+    def _search_function(self):
+        from fqgan_jax import codebook_sharding  # noqa: PLC0415 (it imports this module)
+
+        if self.shard_axis and codebook_sharding.context_axis_size(self.shard_axis) > 1:
+            return functools.partial(codebook_sharding.sharded_nearest_code, axis=self.shard_axis)
+        return nearest_code
 
     def _entropy(self, z: jax.Array, codebook: jax.Array) -> jax.Array:
         loss = functools.partial(

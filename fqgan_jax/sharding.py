@@ -1,13 +1,20 @@
 """Device mesh and shardings.
 
-The batch is sharded over every mesh axis; the train state is replicated. One code path serves one
-CPU device, a GPU node and a TPU pod: only the mesh changes. Meshes use `AxisType.Auto` so that
-the compiler propagates shardings inside the step (spec jax_stack.md §2.2).
+The mesh has a `data` and an `fsdp` axis (`config.mesh.shape`, -1 = the rest). The batch is split
+over both, since FSDP is data parallelism too. Each train-state leaf (params, optimizer moments,
+EMA, discriminator) goes by the first of `config.mesh.rules` whose regex matches its path, else by
+the FSDP rule: its largest dimension that the `fsdp` axis divides is split over that axis, and
+leaves under `config.mesh.fsdp_min_size` elements stay replicated. Optimizer moments have their
+params' shapes, so they follow their params. The compiler gathers a sharded weight where a layer
+uses it and reduce-scatters its gradient. One code path serves one CPU device, a GPU node and a
+TPU pod: only the mesh changes. Meshes use `AxisType.Auto` so that the compiler propagates
+shardings inside the step (spec jax_stack.md §2.2).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import ml_collections
@@ -65,9 +72,53 @@ def frozen_sharding(leaf, mesh: Mesh, shard: bool, min_size: int = 2**16) -> Nam
     return NamedSharding(mesh, P(*spec))
 
 
-def state_shardings(abstract_state, mesh: Mesh):
-    """Shardings for every leaf of the train state: replicated (FSDP rules plug in here)."""
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+FSDP_AXIS = "fsdp"
+
+
+def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
+    """The largest dimension that the `fsdp` axis divides, split over it; small leaves, leaves
+    with no such dimension, and meshes without (or with a size-1) `fsdp` axis: replicated."""
+    size = dict(mesh.shape).get(FSDP_AXIS, 1)
+    if size == 1 or math.prod(shape) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % size == 0:
+            return P(*[FSDP_AXIS if d == dim else None for d in range(len(shape))])
+    return P()
+
+
+def rule_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules, min_size: int) -> P:
+    """The PartitionSpec of the leaf at '/'-joined `path`: the first matching rule's (a tuple of
+    mesh axis names or None, one per dimension; () = replicated), else `fsdp_spec`."""
+    for pattern, spec in rules:
+        if re.fullmatch(pattern, path):
+            spec = tuple(spec)
+            if spec and len(spec) != len(shape):
+                raise ValueError(f"config.mesh.rules: {pattern!r} gives {spec} for {path} of "
+                                 f"shape {shape}; it needs one entry per dimension.")
+            # An axis this mesh lacks (a checkpoint restored onto another mesh) replicates.
+            return P(*[axis if axis in mesh.axis_names else None for axis in spec])
+    return fsdp_spec(shape, mesh, min_size)
+
+
+def state_shardings(abstract_state, mesh: Mesh, mesh_config=None):
+    """A NamedSharding for every leaf of the train state, by `mesh_config.rules` and
+    `mesh_config.fsdp_min_size` (see the module docstring)."""
+    rules = tuple(mesh_config.rules) if mesh_config is not None else ()
+    min_size = mesh_config.fsdp_min_size if mesh_config is not None else 2**14
+
+    def leaf_sharding(path, leaf):
+        name = "/".join(_key_name(k) for k in path)
+        return NamedSharding(mesh, rule_spec(name, tuple(getattr(leaf, "shape", ())), mesh,
+                                             rules, min_size))
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:

@@ -64,7 +64,7 @@ def setup(config, workdir: str) -> Run:
     abstract = abstract_state(config, components)
     return Run(config=config, workdir=workdir, mesh=mesh, components=components,
                frozen=frozen, abstract_state=abstract,
-               state_shardings=sharding.state_shardings(abstract, mesh),
+               state_shardings=sharding.state_shardings(abstract, mesh, config.mesh),
                checkpointer=checkpointing.Checkpointer(
                    os.path.join(workdir, "checkpoints"),
                    max_to_keep=config.train.keep_checkpoints),
@@ -94,6 +94,12 @@ def train_iterator(config):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains to `config.train.num_steps`, evaluating along the way; returns the last eval."""
     run = setup(config, workdir)
+    # The mesh in context: layers that need it by name (the sharded codebook search) find it.
+    with jax.set_mesh(run.mesh):
+        return _train(run)
+
+
+def _train(run: Run) -> dict:
     iterator = train_iterator(run.config)
     state, meta = restore_or_init(run, iterator)
     parameter_overview.log_parameter_overview(state.params.to_pure_dict())
@@ -139,7 +145,10 @@ def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
                                              writer=run.writer, every_steps=config.train.log_every)]
     last_eval = _maybe_eval(run, state, step, force=step == 0)
     pending_streak, grid_inputs = None, _grid_inputs(run)
+    profiler = StepProfiler(run.workdir, config.train.profile_first_step,
+                            config.train.profile_steps)
     while step < config.train.num_steps:
+        profiler.before(step + 1)
         batch = next(iterator)
         meta["num_skipped_images"] += int(batch["num_skipped"])
         meta["num_converted_images"] += int(batch["num_converted"])
@@ -149,6 +158,7 @@ def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
             logging.info("step %d: adversarial phase %s begins", step + 1, step_fn.phase(step))
         state, metrics = step_fn.at(step)(state, inputs, run.frozen)
         step += 1
+        profiler.after(step, state)
         if pending_streak is not None:  # read one step late so the device queue stays full
             _check_finite(int(pending_streak), config)
         pending_streak = metrics["nonfinite_streak"]  # state's copy is donated next step
@@ -163,8 +173,33 @@ def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
         if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
             _check_finite(int(state.nonfinite_streak), config)
             run.checkpointer.save(step, state, iterator, meta)
+    profiler.after(None, state)  # a run that ends inside the window still writes its trace
     run.checkpointer.wait()
     return last_eval
+
+
+class StepProfiler:
+    """A jax.profiler trace of steps first .. first + num - 1 (1-based) into WORKDIR/profile, on
+    process 0 (TensorBoard's profile tab, or xprof). num = 0: off."""
+
+    def __init__(self, workdir: str, first: int, num: int):
+        self.directory = os.path.join(workdir, "profile")
+        self.first, self.last = first, first + num - 1
+        self.enabled = num > 0 and jax.process_index() == 0
+        self.running = False
+
+    def before(self, step: int) -> None:
+        if self.enabled and not self.running and step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.running = True
+
+    def after(self, step: int | None, state) -> None:
+        if self.running and (step is None or step >= self.last):
+            jax.block_until_ready(state)  # the trace must hold the steps' device work
+            jax.profiler.stop_trace()
+            self.running = False
+            logging.info("Profile of steps %d-%d written to %s", self.first, self.last,
+                         self.directory)
 
 
 def _check_finite(streak: int, config) -> None:

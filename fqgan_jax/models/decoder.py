@@ -23,7 +23,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
                  dropout: float = 0.0, out_channels: int = 3, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, remat: bool = False):
         num_levels = len(ch_mult)
         # Level i of the decoder mirrors encoder level L-1-i (lowest resolution first).
         widths = [ch * ch_mult[num_levels - 1 - i] for i in range(num_levels)]
@@ -34,7 +34,7 @@ class Decoder(nnx.Module):
             ResolutionLevel(level_in[i], widths[i], num_res_blocks=num_res_blocks + 1,
                             with_attention=i == 0,  # lowest resolution only
                             resample="upsample" if i != num_levels - 1 else None,
-                            dropout=dropout, dtype=dtype, rngs=rngs)
+                            dropout=dropout, dtype=dtype, rngs=rngs, remat=remat)
             for i in range(num_levels)])
         self.norm_out = group_norm(widths[-1], dtype=dtype, rngs=rngs)
         self.conv_out = conv2d(widths[-1], out_channels, 3, dtype=dtype, rngs=rngs)

@@ -25,7 +25,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  dropout: float = 0.0, in_channels: int = 3, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, remat: bool = False):
         num_levels = len(ch_mult)
         self.conv_in = conv2d(in_channels, ch, 3, dtype=dtype, rngs=rngs)
         level_in = [ch * m for m in (1,) + tuple(ch_mult[:-1])]
@@ -33,7 +33,7 @@ class Encoder(nnx.Module):
             ResolutionLevel(level_in[i], ch * ch_mult[i], num_res_blocks=num_res_blocks,
                             with_attention=i == num_levels - 1,  # lowest resolution only
                             resample="downsample" if i != num_levels - 1 else None,
-                            dropout=dropout, dtype=dtype, rngs=rngs)
+                            dropout=dropout, dtype=dtype, rngs=rngs, remat=remat)
             for i in range(num_levels)])
         self.out_channels = ch * ch_mult[-1]
         self.mid = mid_block(self.out_channels, dropout=dropout, dtype=dtype, rngs=rngs)

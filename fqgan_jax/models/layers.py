@@ -155,13 +155,18 @@ def apply_mid(mid: nnx.List, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.
     return mid[2](mid[1](x), rngs)
 
 
+def _apply(block: nnx.Module, x: jax.Array, rngs) -> jax.Array:
+    return block(x, rngs)
+
+
 class ResolutionLevel(nnx.Module):
     """One encoder or decoder level: `res[j]` (+ `attn[j]` at the lowest resolution), then the
     resampling conv, kept under the official name (`downsample` or `upsample`)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, num_res_blocks: int,
                  with_attention: bool, resample: str | None, dropout: float, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, remat: bool = False):
+        self.remat = remat  # recompute each ResnetBlock in the backward pass (saves activations)
         channels = [in_channels] + [out_channels] * num_res_blocks
         self.res = nnx.List([
             ResnetBlock(channels[j], channels[j + 1], dropout=dropout, dtype=dtype, rngs=rngs)
@@ -176,7 +181,7 @@ class ResolutionLevel(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         for j, res_block in enumerate(self.res):
-            x = res_block(x, rngs)
+            x = nnx.remat(_apply)(res_block, x, rngs) if self.remat else res_block(x, rngs)
             if len(self.attn):
                 x = self.attn[j](x)
         return x if self.resample_name is None else getattr(self, self.resample_name)(x)

@@ -36,13 +36,14 @@ class Tokenizer(nnx.Module):
                  adapter_layers: int, adapter_heads: int, adapter_mlp_ratio: float,
                  codebook_size: int, code_dim: int, l2_normalize: bool,
                  entropy_temperature: float, search_memory_mb: int, dtype, rngs: nnx.Rngs,
-                 teacher_widths: Mapping[str, int] | None = None):
+                 teacher_widths: Mapping[str, int] | None = None, shard_codebook: bool = False,
+                 remat: bool = False):
         dtype = jnp.dtype(dtype)
         self.branch_names = tuple(branches)
         self.code_dim = code_dim
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                               dropout=dropout, dtype=dtype, rngs=rngs)
+                               dropout=dropout, dtype=dtype, rngs=rngs, remat=remat)
         # Branches are looked up by name; iteration order always comes from `branch_names`.
         self.branches = nnx.Dict({
             name: EncoderBranch(width=self.encoder.out_channels,
@@ -55,11 +56,13 @@ class Tokenizer(nnx.Module):
             num_codebooks=len(self.branch_names), codebook_size=codebook_size,
             code_dim=code_dim, l2_normalize=l2_normalize,
             entropy_temperature=entropy_temperature,
-            memory_budget_bytes=int(search_memory_mb * 2**20), rngs=rngs)
+            memory_budget_bytes=int(search_memory_mb * 2**20),
+            shard_axis="fsdp" if shard_codebook else None, rngs=rngs)
         self.post_quant_conv = conv2d(len(self.branch_names) * code_dim, z_channels, 1,
                                       dtype=dtype, rngs=rngs)
         self.decoder = Decoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                               z_channels=z_channels, dropout=dropout, dtype=dtype, rngs=rngs)
+                               z_channels=z_channels, dropout=dropout, dtype=dtype, rngs=rngs,
+                               remat=remat)
         # Training-only heads of representation learning (spec §3.2), one per taught branch,
         # sized by its teacher's width; None when no branch has a teacher.
         unknown = set(teacher_widths or ()) - set(self.branch_names)
@@ -85,7 +88,8 @@ class Tokenizer(nnx.Module):
                    codebook_size=c.codebook_size, code_dim=c.code_dim,
                    l2_normalize=c.l2_normalize, entropy_temperature=c.entropy_temperature,
                    search_memory_mb=c.search_memory_mb, dtype=c.dtype, rngs=rngs,
-                   teacher_widths=teacher_widths)
+                   teacher_widths=teacher_widths, shard_codebook=c.shard_codebook,
+                   remat=c.remat)
 
     @property
     def num_codebooks(self) -> int:
