@@ -87,11 +87,15 @@ def check_config_matches(workdir: str, config) -> None:
             + "\nUse a fresh --workdir, or pass the original config (see its config.json).")
 
 
+# Model keys that change how the step computes, not what the checkpoint holds.
+_HOW_NOT_WHAT = ("dtype", "shard_codebook", "remat", "search_memory_mb")
+
+
 def _architecture(config: dict) -> dict:
     """What a checkpoint's shapes depend on: the model with its teacher heads, and the
     discriminator if any."""
     arch = {f"config.model.{key}": value for key, value in config.get("model", {}).items()
-            if key != "dtype"}
+            if key not in _HOW_NOT_WHAT}
     arch["feature-prediction heads (config.teachers, loss.semantic_weight > 0)"] = \
         config_lib.taught_branches(config_lib.config_from_dict(config))
     gan = config.get("gan", {})

@@ -33,27 +33,31 @@ from fqgan_jax.train_state import merge_model, model_graphdef
 
 
 def eval_step(params, model_state, batch, *, graphdef, config):
-    """Per-image metrics and the batch's code histogram (padded rows masked out)."""
+    """The batch's metric sums and code histogram (padded rows masked out), reduced over the
+    mesh and hosts, and the uint8 reconstructions."""
     model = merge_model(graphdef, params, model_state)
     recon, quantized = model(images_to_float(batch["image"]))
     recon_u8 = image_metrics.to_uint8(recon, legacy_offset=config.eval.legacy_uint8_offset)
     reference = batch["image"].astype(jnp.float32) / 255.0
     reconstruction = recon_u8.astype(jnp.float32) / 255.0
+    mask = batch["mask"]
+    masked_sum = lambda per_image: jnp.sum(jnp.where(mask, per_image, 0.0))  # noqa: E731
     return {
-        "psnr": image_metrics.psnr(reference, reconstruction),
-        "ssim": image_metrics.ssim(reference, reconstruction,
-                                   data_range=config.eval.ssim_data_range),
+        "psnr": masked_sum(image_metrics.psnr(reference, reconstruction)),
+        "ssim": masked_sum(image_metrics.ssim(reference, reconstruction,
+                                              data_range=config.eval.ssim_data_range)),
+        "count": jnp.sum(mask.astype(jnp.int32)),
         "counts": quantize.code_histogram(quantized.indices, config.model.codebook_size,
-                                          mask=batch["mask"]),
+                                          mask=mask),
         "recon": recon_u8,
     }
 
 
 def compile_eval_step(config, graphdef, mesh):
     step = functools.partial(eval_step, graphdef=graphdef, config=config)
-    batch_sharding = sharding.batch_sharding(mesh)
-    out = {"psnr": batch_sharding, "ssim": batch_sharding,
-           "counts": sharding.replicated(mesh), "recon": batch_sharding}
+    replicated = sharding.replicated(mesh)
+    out = {"psnr": replicated, "ssim": replicated, "count": replicated, "counts": replicated,
+           "recon": sharding.batch_sharding(mesh)}
     return jax.jit(step, out_shardings=out)
 
 
@@ -86,7 +90,7 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
     inception_pass = (None if inception is None else
                       inception_metrics.EvalPass(inception, mesh, batches.num_images))
     totals = {"psnr": 0.0, "ssim": 0.0, "n": 0}
-    counts, grid, first = None, None, None
+    counts, grid, first, first_inputs = None, None, None, None
     for batch in _progress(batches, config, step):
         inputs = sharding.to_global_batch(
             {"image": batch["image"], "mask": batch["mask"], "index": batch["index"]},
@@ -95,14 +99,14 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
         if inception_pass is not None:
             inception_pass.add(out["recon"], inputs["image"], inputs["mask"], inputs["index"])
         counts = out["counts"] if counts is None else counts + out["counts"]
-        mask = np.asarray(jax.device_get(inputs["mask"]))
-        for name in ("psnr", "ssim"):
-            totals[name] += float(np.sum(np.asarray(jax.device_get(out[name]), np.float64)[mask]))
-        totals["n"] += int(mask.sum())
-        if grid is None:
-            first = inputs
-            grid = _grid(np.asarray(jax.device_get(inputs["image"])),
-                         np.asarray(jax.device_get(out["recon"])), mask, config.eval.grid_images)
+        for name in ("psnr", "ssim"):  # float64 across batches, on the host
+            totals[name] += float(out[name])
+        totals["n"] += int(out["count"])
+        if grid is None:  # every process joins the gather; process 0 writes
+            first = {name: sharding.gather_to_host(inputs[name]) for name in ("image", "mask")}
+            grid = _grid(first["image"], sharding.gather_to_host(out["recon"]), first["mask"],
+                         config.eval.grid_images)
+            first_inputs = inputs
     if totals["n"] == 0:
         raise ValueError("The eval split produced no images; check config.data.")
     stats = jax.device_get(quantize.usage_stats(counts))
@@ -121,8 +125,8 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
     if jax.process_index() == 0:
         _write(results, grid, workdir, step, writer)
     if analysis_fn is not None and any(_analysis_outputs(config)):
-        _write_analysis(config, analysis_fn(params, model_state, first["image"]), first, counts,
-                        workdir, step, writer)
+        _write_analysis(config, analysis_fn(params, model_state, first_inputs["image"]), first,
+                        counts, workdir, step, writer)
     return results
 
 
@@ -139,12 +143,10 @@ def _write_analysis(config, out, inputs, counts, workdir, step, writer):
     eval_dir = os.path.join(workdir, "eval")
     names = list(config.model.branches)
     with_grid, with_tsne = _analysis_outputs(config)
-    keep = np.flatnonzero(np.asarray(jax.device_get(inputs["mask"])))
-    keep = keep[:config.eval.single_codebook_images]
+    keep = np.flatnonzero(inputs["mask"])[:config.eval.single_codebook_images]
     if with_grid and len(keep):
         grid = codebook_analysis.single_codebook_grid(
-            np.asarray(jax.device_get(inputs["image"]))[keep],
-            np.asarray(jax.device_get(out["single"]))[:, keep])
+            inputs["image"][keep], np.asarray(jax.device_get(out["single"]))[:, keep])
         image_grid.save_png(grid, os.path.join(eval_dir, f"{step}_single_codebook.png"))
         if writer is not None:
             writer.write_images(step, {"eval/single_codebook": grid[None]})

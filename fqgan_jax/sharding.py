@@ -121,6 +121,16 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def gather_to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (batch-sharded) global array on every host. A collective when the
+    array spans hosts: every process must call it."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
     """Host-local numpy arrays -> global jax.Arrays (each host passes its own slice)."""
     return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))

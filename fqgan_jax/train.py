@@ -243,9 +243,8 @@ def _grid_inputs(run: Run) -> dict:
 
 def _write_train_grid(run: Run, state, step: int, inputs: dict) -> None:
     """Reconstructions of a fixed held-out batch, for watching progress."""
-    recon = np.asarray(jax.device_get(
-        run.eval_fn(state.params, state.model_state, inputs)["recon"]))
-    images = np.asarray(jax.device_get(inputs["image"]))
+    recon = sharding.gather_to_host(run.eval_fn(state.params, state.model_state, inputs)["recon"])
+    images = sharding.gather_to_host(inputs["image"])  # every process joins; process 0 writes
     count = run.config.eval.grid_images
     grid = image_grid.make_grid([images[:count], recon[:count]])
     if jax.process_index() == 0:
