@@ -317,7 +317,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         problems.append("config.optimizer.ema_decay must be in [0, 1).")
     problems += _gan_problems(config.gan)
     problems += _teacher_problems(config, num_devices)
-    problems += _mesh_problems(config.mesh, num_devices)
+    problems += _mesh_problems(config.mesh, num_devices, config.model)
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -392,7 +392,7 @@ def _teacher_problems(config, num_devices):
     return problems
 
 
-def _mesh_problems(mesh, num_devices):
+def _mesh_problems(mesh, num_devices, model):
     from fqgan_jax import sharding  # noqa: PLC0415 (imports jax)
 
     problems = []
@@ -401,9 +401,15 @@ def _mesh_problems(mesh, num_devices):
                         f"{tuple(mesh.axes)} must have the same length.")
     else:
         try:
-            sharding.mesh_shape(mesh.shape, num_devices)
+            sizes = dict(zip(mesh.axes, sharding.mesh_shape(mesh.shape, num_devices)))
         except ValueError as error:
             problems.append(str(error))
+        else:
+            fsdp = sizes.get(sharding.FSDP_AXIS, 1)
+            if model.shard_codebook and model.codebook_size % fsdp:
+                problems.append(f"config.model.shard_codebook splits the codebook over the "
+                                f"{fsdp}-device fsdp axis, but codebook_size="
+                                f"{model.codebook_size} does not divide by {fsdp}.")
     for rule in mesh.rules:
         if (len(rule) != 2 or not isinstance(rule[0], str)
                 or not all(a is None or a in tuple(mesh.axes) for a in rule[1])):

@@ -78,6 +78,12 @@ def test_unknown_override_suggests_close_matches(override, suggestion):
     ("data.crop_scale", (0.9, 0.5), "crop_scale"),
     ("loss.entropy_weight", -1.0, "must be >= 0"),
     ("data.source", "imagenet", "must be one of"),
+    ("mesh.shape", (3, -1), "does not divide 8 devices"),
+    ("mesh.shape", (-1,), "must have the same length"),
+    ("mesh.rules", ((r"params/.*", ("model", None)),), "axis names from"),
+    ("mesh.rules", ((r"params/(", ()),), "is not a regex"),
+    ("eval.num_images", -1, "must be >= 0"),
+    ("eval.fid_preprocess", "tf2", "must be one of"),
 ])
 def test_check_config_names_the_problem(key, value, message):
     config = config_lib.load_config_file(os.path.join(REPO, "configs/dual.py:smoke"))
@@ -85,6 +91,16 @@ def test_check_config_names_the_problem(key, value, message):
     config[section][name] = value
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.check_config(config, num_devices=8)
+
+
+def test_sharded_codebook_must_split_evenly():
+    config = config_lib.load_config_file(os.path.join(REPO, "configs/dual.py:smoke"))
+    config.model.update(dict(shard_codebook=True, codebook_size=1020))
+    config.mesh.shape = (1, 8)
+    with pytest.raises(config_lib.ConfigError, match="codebook_size=1020 does not divide by 8"):
+        config_lib.check_config(config, num_devices=8)
+    config.model.codebook_size = 1024
+    config_lib.check_config(config, num_devices=8)
 
 
 def _run_main(*args, timeout=120):
