@@ -223,7 +223,7 @@ def test_remat_recomputes_blocks_with_the_same_gradients():
     # Encoder levels hold num_res_blocks ResnetBlocks, decoder levels one more.
     config = make_tiny_config()
     blocks = len(config.model.ch_mult) * (2 * config.model.num_res_blocks + 1)
-    assert "remat" not in jaxpr(False) and jaxpr(True).count("remat") >= blocks
+    assert jaxpr(True).count("remat") >= blocks
 
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 32)).astype(np.float32)
 
