@@ -1,10 +1,12 @@
-"""Orbax checkpoints of the train state, the grain iterator and small JSON metadata.
+"""Orbax checkpoints of the train state and small JSON metadata, with the data position.
 
-One step directory holds three items: `state` (the TrainState pytree), `data` (the grain
-iterator's position, one file per process) and `meta` (counters and the config). Saves are
+One step directory holds two items: `state` (the TrainState pytree, written by all hosts
+together) and `meta` (counters, and under "data" the train iterator's global position, which is
+the same on every host and valid on any host count; see data/pipeline.py). Saves are
 asynchronous; orbax writes to a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint intact. Restores always pass an abstract target
-with shardings, so a checkpoint loads onto whatever mesh the run has (spec jax_stack.md §2.4).
+with shardings, so a checkpoint loads onto whatever mesh and host count the run has (spec
+jax_stack.md §2.4).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -42,25 +43,33 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            meta = {**meta, "data": data_iterator.get_state()}
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, step: int, target, data_iterator=None):
-        """Restores into `target` (ShapeDtypeStructs with shardings); returns (state, meta)."""
-        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        """Restores into `target` (ShapeDtypeStructs with shardings) and moves `data_iterator`
+        to the saved position; returns (state, meta)."""
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
             raise CheckpointError(
                 f"Checkpoint {self.directory}/{step} does not match this run's config: {error}. "
                 "Resume with the config the run was trained with (saved as config.json in the "
                 "workdir), or start from a fresh --workdir.") from error
+        meta = dict(restored.meta)
+        if data_iterator is not None:
+            if "data" not in meta:
+                raise CheckpointError(
+                    f"Checkpoint {self.directory}/{step} holds no data position (it predates "
+                    "elastic data positions, or was saved without an iterator), so training "
+                    "cannot continue its data order. Evaluate it with --mode=eval, or train in "
+                    "a fresh --workdir.")
+            data_iterator.set_state(meta["data"])
         logging.info("Restored checkpoint %s/%d", self.directory, step)
-        return restored.state, restored.meta
+        return restored.state, meta
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

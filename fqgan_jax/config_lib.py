@@ -129,8 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
         crop_scale=(0.8, 1.0),
         random_flip=True,
         num_workers=8,  # grain worker processes; 0 = in-process
-        read_threads=8,
-        prefetch_buffer=64,
+        read_threads=8,  # per process or worker: train batches / eval images read at once
+        prefetch_batches=2,  # train batches buffered per process or worker (host memory)
+        prefetch_buffer=64,  # eval images buffered
     ))
 
     config.eval = ml_collections.ConfigDict(dict(
@@ -307,6 +308,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                 "train.profile_first_step"):
         if _get(config, key) <= 0:
             problems.append(f"config.{key} must be positive, got {_get(config, key)}.")
+    for key in ("data.num_workers", "data.prefetch_batches", "data.prefetch_buffer"):
+        if _get(config, key) < 0:
+            problems.append(f"config.{key} must be >= 0, got {_get(config, key)}.")
+    if config.data.read_threads < 1:
+        problems.append(f"config.data.read_threads must be positive, got "
+                        f"{config.data.read_threads}.")
     for key, value in config.loss.items():
         if isinstance(value, float) and value < 0:
             problems.append(f"config.loss.{key} must be >= 0, got {value}.")

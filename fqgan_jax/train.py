@@ -86,9 +86,10 @@ def restore_or_init(run: Run, data_iterator):
 
 
 def train_iterator(config):
+    """This process's part of every global batch; its position is host-count independent."""
     return data.make_train_iterator(
-        config.data, batch_size=config.train.batch_size // jax.process_count(),
-        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+        config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -145,13 +146,13 @@ def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
                                              writer=run.writer, every_steps=config.train.log_every)]
     last_eval = _maybe_eval(run, state, step, force=step == 0)
     pending_streak, grid_inputs = None, _grid_inputs(run)
+    counters = DataCounters(meta)
     profiler = StepProfiler(run.workdir, config.train.profile_first_step,
                             config.train.profile_steps)
     while step < config.train.num_steps:
         profiler.before(step + 1)
         batch = next(iterator)
-        meta["num_skipped_images"] += int(batch["num_skipped"])
-        meta["num_converted_images"] += int(batch["num_converted"])
+        counters.add(batch)
         inputs = sharding.to_global_batch({"image": batch["image"]},
                                           sharding.batch_sharding(run.mesh))
         if step_fn.phase(step) != step_fn.phase(step - 1):
@@ -165,14 +166,14 @@ def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
         for hook in hooks:
             hook(step)
         if step % config.train.log_every == 0 or step == config.train.num_steps:
-            _log_metrics(run, step, metrics, meta)
+            _log_metrics(run, step, metrics, counters.totals())
         if step % config.train.image_every == 0:
             _write_train_grid(run, state, step, grid_inputs)
         if step % config.train.eval_every == 0 or step == config.train.num_steps:
             last_eval = _maybe_eval(run, state, step, force=True)
         if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
             _check_finite(int(state.nonfinite_streak), config)
-            run.checkpointer.save(step, state, iterator, meta)
+            run.checkpointer.save(step, state, iterator, counters.totals())
     profiler.after(None, state)  # a run that ends inside the window still writes its trace
     run.checkpointer.wait()
     return last_eval
@@ -210,11 +211,34 @@ def _check_finite(streak: int, config) -> None:
             "config.optimizer.learning_rate, add warmup, or use model.dtype='float32'.")
 
 
-def _log_metrics(run: Run, step: int, metrics, meta) -> None:
+def _log_metrics(run: Run, step: int, metrics, totals: dict) -> None:
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    scalars["data/skipped_images"] = meta["num_skipped_images"]
-    scalars["data/converted_images"] = meta["num_converted_images"]
+    scalars["data/skipped_images"] = totals["num_skipped_images"]
+    scalars["data/converted_images"] = totals["num_converted_images"]
     run.writer.write_scalars(step, scalars)
+
+
+class DataCounters:
+    """Bad and converted train images over all hosts since the run began. Each host counts its
+    own batches; `totals()` adds the hosts' counts (a collective: every process calls it at the
+    same steps, as the loop does)."""
+
+    KEYS = ("num_skipped_images", "num_converted_images")
+
+    def __init__(self, meta: dict):
+        self.restored = np.array([meta.get(key, 0) for key in self.KEYS], np.int64)
+        self.local = np.zeros(len(self.KEYS), np.int64)
+
+    def add(self, batch: dict) -> None:
+        self.local += [np.sum(batch["num_skipped"]), np.sum(batch["num_converted"])]
+
+    def totals(self) -> dict:
+        counts = self.local
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+        return dict(zip(self.KEYS, (self.restored + counts).tolist()))
 
 
 def _maybe_eval(run: Run, state, step: int, *, force: bool):

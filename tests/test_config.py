@@ -84,6 +84,8 @@ def test_unknown_override_suggests_close_matches(override, suggestion):
     ("mesh.rules", ((r"params/(", ()),), "is not a regex"),
     ("eval.num_images", -1, "must be >= 0"),
     ("eval.fid_preprocess", "tf2", "must be one of"),
+    ("data.prefetch_batches", -1, "data.prefetch_batches must be >= 0"),
+    ("data.read_threads", 0, "data.read_threads must be positive"),
 ])
 def test_check_config_names_the_problem(key, value, message):
     config = config_lib.load_config_file(os.path.join(REPO, "configs/dual.py:smoke"))

@@ -20,7 +20,7 @@ def make_data_config(**overrides) -> ml_collections.ConfigDict:
         source="photos", tfds_name="imagenet2012", tfds_data_dir="", train_split="train",
         eval_split="validation", train_dir="", eval_dir="", image_size=32, augment="crop",
         crop_scale=(0.15, 0.6), random_flip=True, num_workers=0, read_threads=2,
-        prefetch_buffer=8))
+        prefetch_batches=2, prefetch_buffer=8))
     config.update(overrides)
     return config
 
@@ -79,7 +79,7 @@ def test_photos_train_order_deterministic_per_seed():
     config = make_data_config()
 
     def first_batches(seed):
-        iterator = data.make_train_iterator(config, batch_size=8, seed=seed)
+        iterator = data.make_train_iterator(config, global_batch_size=8, seed=seed)
         batches = take(iterator, 2)
         iterator.close()
         return np.stack([batch["image"] for batch in batches])
@@ -185,50 +185,50 @@ def _kind(source, index: int) -> str:
     return source[index]["name"].rsplit("/", 1)[-1].split("_")[0]
 
 
-def _expected_batches(source, seed, batch_size, num_batches, num_workers):
-    """Per-batch (num_skipped, num_converted) by replaying grain's index order: the same global
-    shuffle, one stream per worker (slice w::W) and round-robin interleaving of their batches."""
+def _expected_rows(source, seed, num_positions):
+    """Per stream position (num_skipped, num_converted, record name), by replaying the global
+    shuffle: a bad record's position takes the next good record of the stream."""
     kinds = [_kind(source, index) for index in range(len(source))]
     order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)
-    streams = [order] if num_workers == 0 else [order[w::num_workers] for w in range(num_workers)]
-    positions = [0] * len(streams)
-    expected = []
-    for batch_index in range(num_batches):
-        stream = batch_index % len(streams)
-        skipped = converted = taken = 0
-        while taken < batch_size:
-            kind = kinds[streams[stream][positions[stream]]]
-            positions[stream] += 1
-            skipped += kind == "bad"
-            converted += kind == "conv"
-            taken += kind != "bad"
-        expected.append((skipped, converted))
-    return expected
+    rows = []
+    for position in range(num_positions):
+        skipped = 0
+        while kinds[order[position + skipped]] == "bad":
+            skipped += 1
+        record = order[position + skipped]
+        rows.append((skipped, int(kinds[record] == "conv"), source[record]["name"]))
+    return rows
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_folder_train_skips_and_counts_bad_images_exactly(image_folder, num_workers):
+def test_folder_train_substitutes_and_counts_bad_images_exactly(image_folder, num_workers):
     config = make_data_config(source="folder", train_dir=str(image_folder), augment="adm",
                               crop_scale=(0.8, 1.0), num_workers=num_workers)
     source = sources.make_source(config, "train")
     assert len(source) == len(FOLDER_FILES)  # notes.txt ignored, nested and .PNG found
-    num_batches = 12  # several epochs of 8 good images, so every bad file is consumed often
-    iterator = data.make_train_iterator(config, batch_size=3, seed=5)
+    num_batches = 12  # several epochs, so every bad file is consumed often
+    iterator = data.make_train_iterator(config, global_batch_size=3, seed=5)
     batches = take(iterator, num_batches)
     iterator.close()
     for batch in batches:
         assert batch["image"].shape == (3, 32, 32, 3) and batch["image"].dtype == np.uint8
-    actual = [(batch["num_skipped"], batch["num_converted"]) for batch in batches]
-    assert actual == _expected_batches(source, 5, 3, num_batches, num_workers)
+    actual = [(int(skipped), int(converted)) for batch in batches
+              for skipped, converted in zip(batch["num_skipped"], batch["num_converted"])]
+    expected = _expected_rows(source, 5, 3 * num_batches)
+    assert actual == [row[:2] for row in expected]
     assert sum(skipped for skipped, _ in actual) > 0
+    # A substitute is the next good record itself: the same pixels before augmentation.
+    position = next(i for i, row in enumerate(expected) if row[0] > 0)
+    name = expected[position][2]
+    assert "bad_" not in name and name in {source[i]["name"] for i in range(len(source))}
 
 
 def test_stream_of_only_bad_records_fails_clearly_instead_of_spinning():
-    bad = [data.BadRecord(f"broken_{i}.jpg", "zero-byte image data") for i in range(5)]
-    stream = grain.MapDataset.source(bad).repeat(None).to_iter_dataset()
-    iterator = iter(data.SkipBadRecordsIterDataset(stream, max_consecutive_bad=20))
+    bad = [{"name": f"broken_{i}.jpg", "image": b""} for i in range(5)]
+    stream = data.DecodeOrSubstitute(grain.MapDataset.source(bad).repeat(None),
+                                     max_consecutive_bad=20)
     with pytest.raises(data.DataError, match="20 consecutive images could not be decoded"):
-        next(iterator)
+        stream[0]
 
 
 def test_folder_eval_counts_each_good_image_once(image_folder):
@@ -261,7 +261,7 @@ def test_folder_errors_name_the_path_and_extensions(tmp_path):
     for root, problem in cases:
         config = make_data_config(source="folder", train_dir=str(root))
         with pytest.raises(data.DataError, match=problem) as error:
-            data.make_train_iterator(config, batch_size=2, seed=0)
+            data.make_train_iterator(config, global_batch_size=2, seed=0)
         assert str(root) in str(error.value) and ".webp" in str(error.value)
     with pytest.raises(data.DataError, match="eval_dir"):
         data.make_source(make_data_config(source="folder", train_dir=str(empty)), "eval")
@@ -288,13 +288,13 @@ def test_tfds_mock_train_and_eval():
     config = make_data_config(source="tfds", augment="adm", crop_scale=(0.8, 1.0))
     with tfds.testing.mock_data(num_examples=10):
         assert "tfds imagenet2012: train 10 records" in data.describe(config)
-        iterator = data.make_train_iterator(config, batch_size=4, seed=0)
+        iterator = data.make_train_iterator(config, global_batch_size=4, seed=0)
         batches = take(iterator, 3)
         iterator.close()
         evaluation = list(data.make_eval_batches(config, batch_size=4))
     for batch in batches:
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
-        assert batch["num_skipped"] == 0
+        assert not batch["num_skipped"].any()
     assert [int(batch["mask"].sum()) for batch in evaluation] == [4, 4, 2]
 
 
@@ -305,19 +305,62 @@ def test_tfds_mock_train_and_eval():
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_iterator_state_round_trip(num_workers):
     config = make_data_config(num_workers=num_workers)
-    iterator = data.make_train_iterator(config, batch_size=4, seed=3)
+    iterator = data.make_train_iterator(config, global_batch_size=4, seed=3)
     assert isinstance(iterator, grain.DatasetIterator)
     take(iterator, 3)
-    state = json.loads(json.dumps(iterator.get_state()))  # what grain's checkpoint handler does
+    state = json.loads(json.dumps(iterator.get_state()))  # as the checkpoint's JSON holds it
+    assert state == {"global_next_index": 12}
     expected = take(iterator, 3)
     iterator.close()
-    restored = data.make_train_iterator(config, batch_size=4, seed=3)
+    restored = data.make_train_iterator(config, global_batch_size=4, seed=3)
     restored.set_state(state)
     for want, got in zip(expected, take(restored, 3)):
-        np.testing.assert_array_equal(want["image"], got["image"])
-        assert (want["num_skipped"], want["num_converted"]) == (
-            got["num_skipped"], got["num_converted"])
+        for key in ("image", "num_skipped", "num_converted"):
+            np.testing.assert_array_equal(want[key], got[key])
     restored.close()
+
+
+def _global_batches(config, process_count, num_batches, state=None):
+    """The global batches of `process_count` hosts (their parts concatenated in process
+    order, as make_array_from_process_local_data lays them out), and the hosts' states."""
+    iterators = [data.make_train_iterator(config, global_batch_size=8, seed=4,
+                                          process_index=i, process_count=process_count)
+                 for i in range(process_count)]
+    if state is not None:
+        for iterator in iterators:
+            iterator.set_state(state)
+    parts = [take(iterator, num_batches) for iterator in iterators]
+    states = [iterator.get_state() for iterator in iterators]
+    for iterator in iterators:
+        iterator.close()
+    return [np.concatenate([part[t]["image"] for part in parts]) for t in range(num_batches)], \
+        states
+
+
+def _rows(batch):
+    """A global batch as the sorted multiset of its images (order within it aside)."""
+    return sorted(image.tobytes() for image in batch)
+
+
+def test_global_batches_and_resume_are_independent_of_the_host_count():
+    """Every global batch holds the same images on 1, 2 or 4 hosts, and a position saved on 2
+    hosts resumes on 1 or 4 with the batches an uninterrupted run would have had."""
+    config = make_data_config(num_workers=0)
+    one, _ = _global_batches(config, 1, 5)
+    two, states = _global_batches(config, 2, 2)
+    assert states[0] == states[1] == {"global_next_index": 16}  # the same on every host
+    for t in range(2):
+        assert _rows(two[t]) == _rows(one[t])
+        assert not np.array_equal(two[t], one[t])  # the rows do come from different hosts
+    for process_count in (1, 2, 4):
+        resumed, _ = _global_batches(config, process_count, 3, state=states[0])
+        for t in range(3):
+            assert _rows(resumed[t]) == _rows(one[t + 2])
+        if process_count == 2:  # the same host count: exactly the same batches
+            again, _ = _global_batches(config, 2, 5)
+            np.testing.assert_array_equal(np.stack(resumed), np.stack(again[2:]))
+    with pytest.raises(ValueError, match="must divide by the process count"):
+        data.make_train_iterator(config, global_batch_size=6, seed=0, process_count=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +427,8 @@ def test_random_horizontal_flip_flips_half_the_time():
         assert mirrored or np.array_equal(flipped, image)
         outcomes.append(mirrored)
     assert 5 < sum(outcomes) < 35
-    transform = data.TrainTransform(16, "crop", (0.3, 0.9), random_flip=True)
-    plain = data.TrainTransform(16, "crop", (0.3, 0.9), random_flip=False)
+    transform = data.TrainAugment(16, "crop", (0.3, 0.9), random_flip=True)
+    plain = data.TrainAugment(16, "crop", (0.3, 0.9), random_flip=False)
     record = {"image": random_rgb(40, 50), "name": "x"}
     flips = 0
     for seed in range(20):  # the flip draws after the crop, so the crop itself is unchanged

@@ -1,6 +1,7 @@
 """A real multi-host run on this machine: two JAX processes of 4 CPU devices each (gloo
 collectives), through `main --distributed` with an FSDP mesh (4, 2) and the sharded codebook
-search; then the checkpoint they wrote together evaluates on one process and one device.
+search; then the checkpoint they wrote together evaluates on one process and one device, and
+training resumes from it on one process of 4 devices (another host count and mesh).
 
 It takes ~2 minutes on 2 cores, so it runs only with FQGAN_JAX_MULTIPROCESS_TEST=1 (not in the
 default suite; the single-process tests in test_scale.py cover the same programs).
@@ -34,14 +35,14 @@ def _free_port() -> int:
 
 def test_two_processes_train_checkpoint_and_restore_on_one(tmp_path):
     workdir = tmp_path / "run"
-    flags = TINY + [f"--workdir={workdir}", "--distributed",
-                    f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2",
-                    "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
-                    "--config.train.eval_every=4", "--config.train.image_every=2",
-                    "--config.data.num_workers=0", "--config.gan.start=1",
-                    "--config.gan.disc_warmup_steps=0", "--config.eval.tsne_points=0",
-                    "--config.eval.single_codebook_images=0", "--config.mesh.shape=(-1,2)",
-                    "--config.model.shard_codebook=True", "--config.mesh.fsdp_min_size=256"]
+    run = TINY + [f"--workdir={workdir}", "--config.train.checkpoint_every=2",
+                  "--config.train.eval_every=4", "--config.train.image_every=2",
+                  "--config.data.num_workers=0", "--config.gan.start=1",
+                  "--config.gan.disc_warmup_steps=0", "--config.eval.tsne_points=0",
+                  "--config.eval.single_codebook_images=0", "--config.mesh.shape=(-1,2)",
+                  "--config.model.shard_codebook=True", "--config.mesh.fsdp_min_size=256"]
+    flags = run + ["--config.train.num_steps=4", "--distributed",
+                   f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     procs = [subprocess.Popen([sys.executable, "-m", "fqgan_jax.main", *flags,
@@ -64,3 +65,14 @@ def test_two_processes_train_checkpoint_and_restore_on_one(tmp_path):
     again = json.loads((workdir / "eval" / "4.json").read_text())
     for key in ("psnr", "ssim", "usage"):
         assert again[key] == pytest.approx(trained[key], rel=1e-5)
+
+    # A preempted pod job resuming on a smaller slice: 2 hosts -> 1, mesh (4, 2) -> (2, 2).
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fqgan_jax.main", *run, "--config.train.num_steps=6"], cwd=REPO,
+        text=True, capture_output=True, timeout=600, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restored checkpoint {workdir}/checkpoints/4" in resumed.stderr
+    assert "6" in os.listdir(workdir / "checkpoints")
+    meta = json.loads((workdir / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["data"] == {"global_next_index": 6 * 16}

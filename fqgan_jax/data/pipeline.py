@@ -1,22 +1,27 @@
-"""grain input pipelines: an infinite, checkpointable train iterator and finite eval batches.
+"""grain input pipelines: an elastic, checkpointable train iterator and finite eval batches.
 
 Train (jax_stack.md §2.5):
-    MapDataset.source -> seed/shuffle -> repeat(None) -> [process_index::process_count]
-    -> random_map(decode + augment)            # bad data -> BadRecord marker, never an exception
-    -> to_iter_dataset(ReadOptions)            # threads decode in parallel
-    -> SkipBadRecordsIterDataset               # drops markers, attaches per-element counts
-    -> batch(drop_remainder, collate_train_batch)  # sums the counts per batch
-    -> mp_prefetch(num_workers)                # optional worker processes
+    MapDataset.source -> seed/shuffle -> repeat(None)   # one global permutation per epoch
+    -> DecodeOrSubstitute                   # a bad record is replaced by the next good one
+    -> random_map(TrainAugment)             # crop/flip keyed by the global position
+    -> grain.experimental.ElasticIterator   # host slice [next + process_index::process_count],
+                                            # batch, threads, optional worker processes
 
-Bad images are skipped where they are consumed, so each batch reports exactly the bad and
-converted records consumed to produce it, even when several worker processes produce batches
-in turn; the trainer sums these numbers. The skipping iterator keeps no buffer, so its state is
-its parent's state and grain's `get_state()`/`set_state()` (and hence
-`grain.checkpoint.CheckpointSave/CheckpointRestore`) resume the exact same batches.
+The iterator's whole state is the global position `{"global_next_index": n}`, the same on every
+host. Global batch t always holds the records at positions [t * B, (t + 1) * B) of the
+permutation, whatever the number of hosts, so a checkpoint resumes on any host count with the
+same records in every later batch (exactly the same batches on the same host count). Reads are
+whole host batches: `data.read_threads` at once and `data.prefetch_batches` buffered, per process
+or per worker (`data.num_workers`); workers take turns by batch, so they do not change the order.
+
+A bad record (corrupt, truncated, empty) never stops training and never shifts the stream: its
+position gets the next good record of the permutation instead, decoded afresh and augmented with
+that position's randomness. Each element counts the bad records it stood in for
+('num_skipped') and whether it was converted ('num_converted'); batches carry these per row.
 """
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from absl import logging
 import grain
@@ -24,65 +29,46 @@ import numpy as np
 from PIL import ImageFile
 
 from fqgan_jax.data import sources
-from fqgan_jax.data.transforms import BadRecord, EvalTransform, TrainTransform
+from fqgan_jax.data.transforms import BadImage, BadRecord, EvalTransform, TrainAugment
+from fqgan_jax.data.transforms import decode_record
 
-# An infinite train stream that yields nothing but bad records would otherwise spin forever.
+# A stream with nothing but bad records would otherwise search for a good one forever.
 MAX_CONSECUTIVE_BAD_RECORDS = 1000
 
 
-class SkipBadRecordsIterDataset(grain.IterDataset):
-    """Drops `BadRecord` markers (logging each) and annotates the next good element with how
-    many markers preceded it ('num_skipped') and whether it was converted ('num_converted')."""
+class DecodeOrSubstitute(grain.MapDataset):
+    """Position i -> `{"image", "num_converted", "num_skipped"}`: the decoded record at i, or, when
+    it is bad, the first good record at i + 1, i + 2, ... ('num_skipped' = how many were bad).
 
-    def __init__(self, parent: grain.IterDataset,
+    One element per position keeps the stream's positions fixed (no filter), which makes the
+    iterator state a plain global index (`grain.experimental.ElasticIterator`). The cost: a
+    substitute appears twice in the epoch, once at its own position; bad records are rare."""
+
+    def __init__(self, parent: grain.MapDataset,
                  max_consecutive_bad: int = MAX_CONSECUTIVE_BAD_RECORDS):
         super().__init__(parent)
         self._max_consecutive_bad = max_consecutive_bad
 
-    def __iter__(self) -> grain.DatasetIterator:
-        return _SkipBadRecordsIterator(self._parent.__iter__(), self._max_consecutive_bad)
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        for offset in range(self._max_consecutive_bad):
+            record = self._parent[index + offset]
+            try:
+                image, converted = decode_record(record)
+            except BadImage as error:
+                logging.warning("Skipping bad image %s: %s", record["name"], error)
+                continue
+            return {"image": image, "num_converted": int(converted), "num_skipped": offset}
+        raise sources.DataError(
+            f"{self._max_consecutive_bad} consecutive images could not be decoded (last: "
+            f"{record['name']}). Check that the data is images.")
 
     def __str__(self) -> str:
-        return "SkipBadRecordsIterDataset"
-
-
-class _SkipBadRecordsIterator(grain.DatasetIterator):
-    """Stateless apart from its parent: a marker is consumed and counted in the same call that
-    returns the following good element, so no count is ever lost across a checkpoint."""
-
-    def __init__(self, parent: grain.DatasetIterator, max_consecutive_bad: int):
-        super().__init__(parent)
-        self._max_consecutive_bad = max_consecutive_bad
-
-    def __next__(self) -> dict:
-        num_skipped = 0
-        while True:
-            element = next(self._parent)
-            if not isinstance(element, BadRecord):
-                return {"image": element["image"], "num_skipped": num_skipped,
-                        "num_converted": int(element["converted"])}
-            num_skipped += 1
-            logging.warning("Skipping bad image %s: %s", element.name, element.reason)
-            if num_skipped >= self._max_consecutive_bad:
-                raise sources.DataError(
-                    f"{num_skipped} consecutive images could not be decoded (last: "
-                    f"{element.name}: {element.reason}). Check that the data is images.")
-
-    def get_state(self) -> dict:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self._parent.set_state(state)
-
-    def __str__(self) -> str:
-        return "SkipBadRecordsDatasetIterator"
-
-
-def collate_train_batch(elements: Sequence[dict]) -> dict:
-    """Stacks images and sums the per-element counts (top-level: pickled into workers)."""
-    return {"image": np.stack([element["image"] for element in elements]),
-            "num_skipped": sum(element["num_skipped"] for element in elements),
-            "num_converted": sum(element["num_converted"] for element in elements)}
+        return "DecodeOrSubstitute"
 
 
 def _check_pipeline_args(batch_size: int, process_index: int, process_count: int) -> None:
@@ -96,26 +82,32 @@ def _check_pipeline_args(batch_size: int, process_index: int, process_count: int
                            "globally); truncated images would be trained on. Leave it False.")
 
 
-def make_train_iterator(data_config, *, batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
-    """Infinite iterator of `{"image": uint8 [batch_size, S, S, 3], "num_skipped": int,
-    "num_converted": int}`, where `batch_size` is per process. Deterministic per seed (and per
-    num_workers); checkpoint it with `grain.checkpoint.CheckpointSave/CheckpointRestore`."""
-    _check_pipeline_args(batch_size, process_index, process_count)
+def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+    """Infinite iterator of this process's part of each global batch: `{"image": uint8 [b, S, S,
+    3], "num_skipped": int [b], "num_converted": int [b]}` with b = global_batch_size /
+    process_count. Deterministic per seed; `get_state()` / `set_state()` give the global
+    position, valid on any process count (module docstring)."""
+    if global_batch_size % process_count:
+        raise ValueError(f"The global batch ({global_batch_size}) must divide by the process "
+                         f"count ({process_count}).")
+    _check_pipeline_args(global_batch_size // process_count, process_index, process_count)
     source = sources.make_source(data_config, "train")
-    transform = TrainTransform(data_config.image_size, data_config.augment,
-                               data_config.crop_scale, data_config.random_flip)
-    # Global shuffle, then host slicing: every process sees a disjoint part of one permutation.
+    augment = TrainAugment(data_config.image_size, data_config.augment, data_config.crop_scale,
+                           data_config.random_flip)
     dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    dataset = dataset[process_index::process_count].random_map(transform)
-    dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_buffer))
-    dataset = SkipBadRecordsIterDataset(dataset).batch(
-        batch_size, drop_remainder=True, batch_fn=collate_train_batch)
+    dataset = DecodeOrSubstitute(dataset).random_map(augment)
+    workers = None
     if data_config.num_workers > 0:
-        dataset = dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=data_config.num_workers))
-    return iter(dataset)
+        workers = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+    elastic = grain.experimental.ElasticIterator(
+        dataset, global_batch_size,
+        grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count),
+        # ElasticIterator batches before it reads: each read (thread) is a whole host batch.
+        read_options=grain.ReadOptions(num_threads=data_config.read_threads,
+                                       prefetch_buffer_size=data_config.prefetch_batches),
+        multiprocessing_options=workers)
+    return iter(elastic)
 
 
 class EvalBatches:

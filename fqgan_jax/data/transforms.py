@@ -1,8 +1,8 @@
 """Image decoding, ADM-style crops and the grain transforms built from them.
 
 Decoding is ours (sources hand over raw bytes) so that every dataset gets the same conversion
-rules and a corrupt file becomes a `BadRecord` marker instead of an exception that would kill a
-grain worker. The pipeline later skips and counts these markers (see `pipeline.py`).
+rules, and a corrupt file is never an exception that kills a grain worker: training substitutes
+the next good record for it, eval skips it as a `BadRecord` marker (see `pipeline.py`).
 
 Crops follow the official FQGAN recipe, which inherits them from ADM (guided-diffusion):
 `adm_random_crop` for training (fqgan.md §4.3) and `center_crop` for evaluation (§5.1). They are
@@ -162,15 +162,15 @@ def random_horizontal_flip(image: np.ndarray, rng: np.random.Generator) -> np.nd
 AUGMENTATIONS = {"adm": adm_random_crop, "crop": random_resized_crop}
 
 
-def _decode_record(record: dict) -> tuple[np.ndarray, bool]:
+def decode_record(record: dict) -> tuple[np.ndarray, bool]:
     """Decodes a source record; sources report unreadable files through an 'error' entry."""
     if record.get("error"):
         raise BadImage(record["error"])
     return decode_image(record["image"])
 
 
-class TrainTransform(grain.transforms.RandomMap):
-    """Decode, augment and flip one record; a bad record becomes a `BadRecord` marker."""
+class TrainAugment(grain.transforms.RandomMap):
+    """Augment and flip one decoded train element (see `pipeline.DecodeOrSubstitute`)."""
 
     def __init__(self, image_size: int, augment: str, crop_scale: tuple[float, float],
                  random_flip: bool):
@@ -182,15 +182,12 @@ class TrainTransform(grain.transforms.RandomMap):
         self.crop_scale = tuple(crop_scale)
         self.random_flip = random_flip
 
-    def random_map(self, element: dict, rng: np.random.Generator):
-        try:
-            image, converted = _decode_record(element)
-        except BadImage as error:
-            return BadRecord(name=element["name"], reason=str(error))
-        image = AUGMENTATIONS[self.augment](image, self.image_size, rng, self.crop_scale)
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image = AUGMENTATIONS[self.augment](element["image"], self.image_size, rng,
+                                            self.crop_scale)
         if self.random_flip:
             image = random_horizontal_flip(image, rng)
-        return {"image": image, "converted": converted}
+        return {**element, "image": image}
 
 
 class EvalTransform(grain.transforms.Map):
@@ -201,7 +198,7 @@ class EvalTransform(grain.transforms.Map):
 
     def map(self, element: dict):
         try:
-            image, converted = _decode_record(element)
+            image, converted = decode_record(element)
         except BadImage as error:
             return BadRecord(name=element["name"], reason=str(error))
         return {"image": center_crop(image, self.image_size), "converted": converted}
