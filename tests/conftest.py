@@ -16,6 +16,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="fqgan_jax_cache_")
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+# Each pytest-xdist worker keeps its own folder in it: JAX writes entries in place, and a worker
+# reading an entry that the other is still writing finds it truncated.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -129,3 +134,14 @@ def make_step(config, devices=None, frozen=None, shape=None):
     step = compile_train_step(config, components, shardings, frozen_nets.shardings(frozen, mesh),
                               sharding.batch_sharding(mesh), sharding.replicated(mesh))
     return state, step, mesh
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`): each module's tests stay on one worker, so its
+    module-scoped programs compile once, and the modules that read the shared `trained_workdir`
+    run together, so it is trained once."""
+    shared = {item.module.__name__ for item in items if "trained_workdir" in item.fixturenames}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("trained_workdir" if module in shared else module))
