@@ -1,6 +1,10 @@
 """fqgan_jax: discrete image tokenizers with large codebooks, and generators over their tokens."""
 
+from fqgan_jax import xla_flags
+
 __version__ = "0.1.0"
+
+xla_flags.set_defaults()  # XLA reads them when the first backend starts, so before any jax use
 
 
 def load_tokenizer(path: str):

@@ -6,6 +6,7 @@ codes; remat leaves gradients unchanged. The GAN is off here: its programs doubl
 time, and tests/test_adversarial.py covers the discriminator on 8 devices."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fqgan_jax import checkpointing, codebook_sharding, quantize, sharding
+from fqgan_jax import checkpointing, codebook_sharding, config_lib, frozen_nets, quantize, sharding
 from fqgan_jax import train_state as ts
 
-from conftest import make_step, make_tiny_config
+from conftest import REPO, make_step, make_tiny_config
 
 
 def _config(shard_codebook=False):
@@ -241,3 +242,35 @@ def test_remat_recomputes_blocks_with_the_same_gradients():
     scale = max(np.abs(g).max() for g in jax.tree.leaves(plain_grads))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale),
                  grads, plain_grads)
+
+
+@pytest.mark.slow
+def test_train_step_at_262144_codes_with_the_codebook_split_8_ways():
+    """The large-codebook layout on the smoke model: 2 x 262,144 codes, the rows and their Adam
+    moments split over fsdp = 8 (each device holds K / 8), the search sharded too. On XLA:CPU
+    this step deadlocked under the concurrency-optimized scheduler (fqgan_jax/xla_flags.py)."""
+    codebook_size = 262_144
+    config = config_lib.load_config_file(os.path.join(REPO, "configs/dual.py:smoke"))
+    config.model.update(dict(codebook_size=codebook_size, shard_codebook=True))
+    config.data.update(dict(image_size=32, num_workers=0))
+    config.train.batch_size = 16
+    config.gan.weight = 0.0
+    config.loss.perceptual_weight = 0.0
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
+    state, step_fn, mesh = make_step(config, shape=(1, 8))
+    rows = [x for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
+            if "codebook" in jax.tree_util.keystr(path)]
+    assert len(rows) == 3  # the codebook and its two Adam moments
+    for array in rows:
+        assert array.sharding.spec == P(None, "fsdp", None)
+        assert {shard.data.shape for shard in array.addressable_shards} == {
+            (2, codebook_size // 8, 8)}
+    frozen = frozen_nets.load(config, mesh)
+    with jax.set_mesh(mesh):
+        batch = sharding.to_global_batch(_batch(config), sharding.batch_sharding(mesh))
+        state, metrics = step_fn.at(0)(state, batch, frozen)
+        metrics = jax.device_get(metrics)
+    assert int(state.step) == 1 and not metrics["skipped"]
+    assert np.isfinite(metrics["loss"]) and metrics["loss/entropy"] != 0
+    # 16 images x 8 x 8 tokens: at most 1,024 codes of each sub-codebook were used.
+    assert 0 < metrics["codebook/0/running_usage"] <= 1024 / codebook_size
