@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
         l2_normalize=True,
         entropy_temperature=0.01,
         search_memory_mb=256,  # nearest-neighbour search never builds a bigger N x K block
+        # (per device with shard_codebook; else of the global batch, which XLA then splits)
         shard_codebook=False,  # search codebook rows split over the mesh's fsdp axis (large K)
         remat=False,  # recompute encoder/decoder ResnetBlocks in the backward pass (less memory)
         dtype="bfloat16",  # compute dtype; params and the quantizer stay float32

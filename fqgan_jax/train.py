@@ -237,7 +237,9 @@ class DataCounters:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
-            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+            # int32 on the wire (jax without x64); the sums stay int64 here.
+            gathered = multihost_utils.process_allgather(counts.astype(np.int32))
+            counts = np.asarray(gathered, np.int64).sum(axis=0)
         return dict(zip(self.KEYS, (self.restored + counts).tolist()))
 
 

@@ -83,3 +83,20 @@ def test_nonfinite_run_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pat
     assert int(state.step) < 3
     leaves = jax.tree.leaves(jax.device_get(state.params.to_pure_dict()))
     assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
+
+
+def test_data_counters_add_the_hosts_counts_to_the_restored_totals(monkeypatch):
+    """Each host counts the bad and converted images of its own batches; the logged and saved
+    totals are the restored ones plus every host's (one process here, a second one faked)."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    counters = train.DataCounters({"num_skipped_images": 5, "num_converted_images": 1,
+                                   "data": {"global_next_index": 64}})
+    for skipped, converted in (([0, 2, 0, 1], [1, 0, 0, 0]), ([0, 0, 0, 0], [0, 1, 1, 0])):
+        counters.add({"num_skipped": np.array(skipped), "num_converted": np.array(converted)})
+    assert counters.totals() == {"num_skipped_images": 8, "num_converted_images": 4}
+    other_host = np.array([10, 20], np.int32)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([x, other_host]))
+    assert counters.totals() == {"num_skipped_images": 18, "num_converted_images": 24}
