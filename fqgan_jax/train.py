@@ -165,15 +165,19 @@ def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
         pending_streak = metrics["nonfinite_streak"]  # state's copy is donated next step
         for hook in hooks:
             hook(step)
-        if step % config.train.log_every == 0 or step == config.train.num_steps:
-            _log_metrics(run, step, metrics, counters.totals())
+        is_last = step == config.train.num_steps
+        log = step % config.train.log_every == 0 or is_last
+        save = step % config.train.checkpoint_every == 0 or is_last
+        totals = counters.totals() if log or save else None  # a collective: once per step
+        if log:
+            _log_metrics(run, step, metrics, totals)
         if step % config.train.image_every == 0:
             _write_train_grid(run, state, step, grid_inputs)
-        if step % config.train.eval_every == 0 or step == config.train.num_steps:
+        if step % config.train.eval_every == 0 or is_last:
             last_eval = _maybe_eval(run, state, step, force=True)
-        if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+        if save:
             _check_finite(int(state.nonfinite_streak), config)
-            run.checkpointer.save(step, state, iterator, counters.totals())
+            run.checkpointer.save(step, state, iterator, totals)
     profiler.after(None, state)  # a run that ends inside the window still writes its trace
     run.checkpointer.wait()
     return last_eval

@@ -257,7 +257,9 @@ def test_train_step_at_262144_codes_with_the_codebook_split_8_ways():
     config.gan.weight = 0.0
     config.loss.perceptual_weight = 0.0
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
-    state, step_fn, mesh = make_step(config, shape=(1, 8))
+    config.mesh.shape = (1, 8)
+    frozen = frozen_nets.load(config, sharding.make_mesh(config.mesh))  # the random tiny teacher
+    state, step_fn, mesh = make_step(config, frozen=frozen, shape=(1, 8))
     rows = [x for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
             if "codebook" in jax.tree_util.keystr(path)]
     assert len(rows) == 3  # the codebook and its two Adam moments
@@ -265,7 +267,6 @@ def test_train_step_at_262144_codes_with_the_codebook_split_8_ways():
         assert array.sharding.spec == P(None, "fsdp", None)
         assert {shard.data.shape for shard in array.addressable_shards} == {
             (2, codebook_size // 8, 8)}
-    frozen = frozen_nets.load(config, mesh)
     with jax.set_mesh(mesh):
         batch = sharding.to_global_batch(_batch(config), sharding.batch_sharding(mesh))
         state, metrics = step_fn.at(0)(state, batch, frozen)
