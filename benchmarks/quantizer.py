@@ -105,7 +105,7 @@ def build_search(method: str, budget_bytes: int):
     import jax
     import jax.numpy as jnp
 
-    from fqgan_jax.quantize import nearest_code
+    from fqgan_jax.quantizers import nearest_code
 
     if method == "ours":
         return jax.jit(functools.partial(nearest_code, memory_budget_bytes=budget_bytes))

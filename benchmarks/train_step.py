@@ -212,7 +212,7 @@ def build_config(args: argparse.Namespace, num_devices: int):
 
 def phase_step(config, name: str) -> int:
     """The first step index at which `name` is the adversarial phase of `config`."""
-    from fqgan_jax import adversarial
+    from fqgan_jax.objectives import adversarial
 
     gan = config.gan
     candidates = (0, max(gan.start - gan.disc_warmup_steps - 1, 0), max(gan.start - 1, 0))
@@ -244,12 +244,12 @@ def peak_flops(device_kind: str) -> tuple[float | None, str | None]:
 
 
 def random_frozen_nets(config, mesh) -> dict:
-    """frozen_nets.load's pytree, with random-init networks of the same architectures."""
+    """networks.load's pytree, with random-init networks of the same architectures."""
     import jax
     from flax import nnx
 
-    from fqgan_jax import config_lib, frozen_nets, teachers
-    from fqgan_jax.models import lpips
+    from fqgan_jax import config_lib
+    from fqgan_jax.frozen import lpips, networks, teachers
 
     frozen = {}
     if config.loss.perceptual_weight > 0:
@@ -261,7 +261,7 @@ def random_frozen_nets(config, mesh) -> dict:
             branch: nnx.state(teachers.random_teacher(name, seed=index,
                                                       dtype=config.model.dtype), nnx.Param)
             for index, (branch, name) in enumerate(taught.items())}
-    return jax.device_put(frozen, frozen_nets.shardings(frozen, mesh,
+    return jax.device_put(frozen, networks.shardings(frozen, mesh,
                                                         shard=config.mesh.shard_frozen))
 
 
@@ -325,9 +325,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from fqgan_jax import frozen_nets, sharding
-    from fqgan_jax import train_state as ts
-    from fqgan_jax.train_step import compile_train_step
+    from fqgan_jax import sharding
+    from fqgan_jax.training.build import build_run
 
     devices = jax.devices()
     if args.devices is not None:
@@ -337,40 +336,30 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     config = build_config(args, len(devices))
     phase_name = args.phase or ("gan" if config.gan.weight > 0 else "no_gan")
     step_index = phase_step(config, phase_name)
-    if not args.random_frozen:
-        config = frozen_nets.resolve(config)
     mesh = sharding.make_mesh(config.mesh, devices)
-    frozen = (random_frozen_nets(config, mesh) if args.random_frozen
-              else frozen_nets.load(config, mesh))
+    run = build_run(config, mesh,
+                    frozen=random_frozen_nets(config, mesh) if args.random_frozen else None)
+    config, frozen = run.config, run.frozen
+    state = run.init_state()
+    state = state.replace(step=jax.device_put(jnp.int32(step_index), state.step.sharding))
+    size, global_batch = config.data.image_size, config.train.batch_size
+    local = global_batch // jax.process_count()
+    images = np.random.default_rng(args.seed + jax.process_index()).integers(
+        0, 256, (local, size, size, 3), dtype=np.uint8)
+    batch = sharding.to_global_batch({"image": images}, sharding.batch_sharding(mesh))
+    start = time.perf_counter()
+    compiled = run.train_step.compile_ahead(step_index, state, batch, frozen)
+    compile_s = time.perf_counter() - start
 
-    components = ts.make_components(config)
-    abstract = ts.abstract_state(config, components)
-    state_shardings = sharding.state_shardings(abstract, mesh, config.mesh)
-    with jax.set_mesh(mesh):  # as train.py: the sharded codebook search finds the mesh
-        state = ts.create_train_state(config, components, state_shardings)
-        state = state.replace(step=jax.device_put(jnp.int32(step_index), state.step.sharding))
-        batch_sharding = sharding.batch_sharding(mesh)
-        size, global_batch = config.data.image_size, config.train.batch_size
-        local = global_batch // jax.process_count()
-        images = np.random.default_rng(args.seed + jax.process_index()).integers(
-            0, 256, (local, size, size, 3), dtype=np.uint8)
-        batch = sharding.to_global_batch({"image": images}, batch_sharding)
-        step_fn = compile_train_step(config, components, state_shardings,
-                                     jax.tree.map(lambda x: x.sharding, frozen), batch_sharding,
-                                     sharding.replicated(mesh))
+    times = []
+    for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        compiled = step_fn.compile_ahead(step_index, state, batch, frozen)
-        compile_s = time.perf_counter() - start
-
-        times = []
-        for i in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch, frozen)
-            jax.block_until_ready(state)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        skipped = int(jax.device_get(state.nonfinite_total))
-        loss = float(jax.device_get(metrics["loss"]))
+        state, metrics = compiled(state, batch, frozen)
+        jax.block_until_ready(state)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    skipped = int(jax.device_get(state.nonfinite_total))
+    loss = float(jax.device_get(metrics["loss"]))
 
     median = statistics.median(times)
     kind = devices[0].device_kind
@@ -518,7 +507,8 @@ def format_table(columns: list[tuple[str, dict]]) -> str:
 def main(argv=None) -> dict:
     """Runs the benchmark, prints the table (or JSON) and returns the results: one result dict,
     or with --compare {"columns": [{"label", **result}]}. Bad settings exit with status 2."""
-    from fqgan_jax import config_lib, pretrained
+    from fqgan_jax import config_lib
+    from fqgan_jax.frozen import weights
 
     try:
         args = parse_args(argv)
@@ -528,7 +518,7 @@ def main(argv=None) -> dict:
         else:
             output = run_benchmark(args)
             columns = [("measured", output)]
-    except (BenchmarkError, config_lib.ConfigError, pretrained.PretrainedError) as error:
+    except (BenchmarkError, config_lib.ConfigError, weights.PretrainedError) as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

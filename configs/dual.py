@@ -20,7 +20,17 @@ from fqgan_jax import config_lib
 
 def get_config(arg=None):
     preset = config_lib.preset(arg, ("", "ds8", "smoke"))
-    config = config_lib.base_config()
+    config = config_lib.base_config()  # the official recipe; every key and its meaning
     config.model.branches = ("vis", "sem")
     config.teachers.sem = config_lib.teacher("clip_vit_l14")
-    return config_lib.apply_preset(config, preset)
+
+    if preset == "ds8":  # 8x downsampling: a 32 x 32 code grid at 256 px
+        config.model.ch_mult = (1, 2, 2, 4)
+
+    if preset == "smoke":  # a 64 px ds4 model, one adapter layer, 2 x 1024 codes, float32
+        config.model.update(dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=64,
+                                 adapter_layers=1, adapter_heads=4, codebook_size=1024,
+                                 dtype="float32"))
+        config.teachers.sem = config_lib.teacher("clip_tiny")  # random-init, logged as such
+        config_lib.cpu_smoke(config)  # photos, 200 steps of 16, GAN from 150, small eval
+    return config

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fqgan_jax import config_lib, sharding, train_state
+from fqgan_jax import architecture, config_lib, sharding
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +41,15 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def existing_step(self, step: int | None = None) -> int:
+        """`step`, or the latest one when None; a CheckpointError when there is none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(
+                f"No checkpoint in {self.directory}. Train first (--mode=train) or pass the "
+                "workdir of a finished run.")
+        return step
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
         if data_iterator is not None:
@@ -70,6 +79,21 @@ class Checkpointer:
             data_iterator.set_state(meta["data"])
         logging.info("Restored checkpoint %s/%d", self.directory, step)
         return restored.state, meta
+
+    def restore_part(self, step: int, target: dict) -> dict:
+        """Only the top-level fields of the saved state named in `target` (a dict of abstract
+        trees with shardings), e.g. the params without the optimizer moments."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True)))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+            raise CheckpointError(
+                f"Checkpoint {self.directory}/{step} does not match this run's config: {error}. "
+                "Use the config the run was trained with (its config.json).") from error
+        logging.info("Restored %s of checkpoint %s/%d", ", ".join(target), self.directory, step)
+        return dict(restored.state)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -108,24 +132,27 @@ def _architecture(config: dict) -> dict:
     arch["feature-prediction heads (config.teachers, loss.semantic_weight > 0)"] = \
         config_lib.taught_branches(config_lib.config_from_dict(config))
     gan = config.get("gan", {})
-    arch["discriminator (config.gan.weight > 0)"] = gan.get("weight", 0) > 0
+    arch["discriminator (config.gan.weight > 0)"] = config_lib.has_discriminator(
+        config_lib.config_from_dict(config))
     if arch["discriminator (config.gan.weight > 0)"]:
         arch.update({f"config.gan.{key}": gan.get(key) for key in ("ndf", "n_layers")})
     return arch
 
 
-def restore_latest_state(workdir: str, config, mesh, step: int | None = None):
-    """The TrainState at `step` (default: latest) in `workdir`, without the data iterator."""
+def restore_model(workdir: str, config, mesh, step: int | None = None):
+    """(params, model_state, step) of the tokenizer at checkpoint `step` (default: the latest) of
+    `workdir`, laid out on `mesh`: the EMA params when the run kept them, else the params. The
+    optimizer moments and the discriminator stay on disk."""
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(
-                f"No checkpoint in {workdir}/checkpoints. Train first (--mode=train) or pass "
-                "the workdir of a finished run.")
-        abstract = train_state.abstract_state(config, train_state.make_components(config))
-        target = with_shardings(abstract, sharding.state_shardings(abstract, mesh, config.mesh))
-        state, _ = checkpointer.restore(step, target)
+        step = checkpointer.existing_step(step)
+        params, model_state = architecture.abstract_model_variables(config)
+        field = "ema_params" if config.optimizer.ema_decay > 0 else "params"
+        target = {field: params}
+        if jax.tree.leaves(model_state):  # the tokenizer has none; a model with BatchNorm would
+            target["model_state"] = model_state
+        target = with_shardings(target, sharding.state_shardings(target, mesh, config.mesh))
+        restored = checkpointer.restore_part(step, target)
     finally:
         checkpointer.close()
-    return state
+    return restored[field], restored.get("model_state", model_state), step

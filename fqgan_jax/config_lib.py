@@ -2,8 +2,11 @@
 
 Every key a trainer reads is declared here, with its default and meaning, so that no key is
 discovered by reading the trainer (STYLE.md: "configs are data"). Files in `configs/` start from
-`base_config()` and change a few fields. Values that derive from other keys (k, the latent grid,
-the per-device batch) are computed in code so that command-line overrides flow through.
+`base_config()` and change a few fields; each holds its own presets (`:ds8`, `:smoke`), so one
+file shows a whole experiment. Here are only the schema, loading with its override and preset
+name checks, the semantic checks, and `cpu_smoke()`, the data/train/eval sizes that every smoke
+preset shares. Values that derive from other keys (k, the latent grid, the per-device batch) are
+computed in code so that command-line overrides flow through.
 """
 
 from __future__ import annotations
@@ -184,6 +187,11 @@ def taught_branches(config: ml_collections.ConfigDict) -> dict[str, str]:
     if config.loss.semantic_weight <= 0:
         return {}
     return {b: config.teachers[b].kind for b in config.model.branches if b in config.teachers}
+
+
+def has_discriminator(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains a discriminator (and the generator a GAN term): gan.weight > 0."""
+    return config.gan.weight > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,7 +379,7 @@ def _gan_problems(gan):
 
 
 def _teacher_problems(config, num_devices):
-    from fqgan_jax import teachers  # noqa: PLC0415 (the registry imports the models)
+    from fqgan_jax.frozen import teachers  # noqa: PLC0415 (the registry imports the models)
 
     problems = []
     for branch, entry in config.teachers.items():
@@ -442,32 +450,18 @@ def _batch_problems(config, num_devices):
 
 
 # ------------------------------------------------------------------------------------------------
-# Presets shared by every config file.
+# The CPU-size settings every `:smoke` preset shares. The presets themselves, with the model size
+# and teachers they change, are in each file of configs/.
 
 
-def apply_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """'' = full ImageNet recipe; 'ds8' = 8x downsampling; 'smoke' = minutes on a 2-core CPU."""
-    if name == "ds8":
-        config.model.ch_mult = (1, 2, 2, 4)
-    elif name == "smoke":
-        _shrink_for_cpu(config)
-    return config
-
-
-def _shrink_for_cpu(config: ml_collections.ConfigDict) -> None:
-    """A tiny model on the scikit-image photos: same code paths, CPU-sized numbers."""
-    config.model.update(dict(
-        ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=64,
-        adapter_layers=min(config.model.adapter_layers, 1), adapter_heads=4,
-        codebook_size=1024, dtype="float32"))
+def cpu_smoke(config: ml_collections.ConfigDict) -> None:
+    """The CPU-size data/train/eval settings shared by every :smoke preset: 200 steps of 16 crops
+    of the scikit-image photos, minutes on a 2-core CPU. Same code paths, CPU-sized numbers."""
     config.optimizer.learning_rate = 1e-3
     # LPIPS only if its converted weights are there. The whole adversarial path runs: D alone
     # from step 100, the generator sees it from step 150. A toy model meets the full-size D, so
     # the GAN weight is Open-MAGVIT2's 0.1 (0.5 swamps 200 steps of reconstruction learning).
     config.loss.lpips_required = False
-    # Small random-init towers of the same family stand in for the teachers (logged as such).
-    for entry in config.teachers.values():
-        entry.update(dict(kind=entry.kind.split("_")[0] + "_tiny", path=""))
     config.gan.update(dict(weight=0.1, start=150, disc_warmup_steps=50))
     config.train.update(dict(
         batch_size=16, num_steps=200, log_every=25, checkpoint_every=100,

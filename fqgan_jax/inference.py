@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqgan_jax import (checkpointing, codebook_analysis, config_lib, image_metrics, sharding,
-                       train_state)
-from fqgan_jax.train_step import images_to_float
+from fqgan_jax import architecture, checkpointing, config_lib, sharding
+from fqgan_jax.data.pixels import images_to_float, to_uint8
+from fqgan_jax.eval import codebook_analysis
 
 
 def _locate(path: str) -> tuple[str, int | None]:
@@ -44,11 +44,11 @@ class Tokenizer:
         self.num_codebooks = len(config.model.branches)
         self.codebook_size = config.model.codebook_size
         self.downsample = 2 ** (len(config.model.ch_mult) - 1)
-        graphdef = train_state.model_graphdef(config)
-        merge = train_state.merge_model
+        graphdef = architecture.model_graphdef(config)
+        merge = architecture.merge_model
         self._encode = jax.jit(lambda p, s, x: merge(graphdef, p, s).encode(
             images_to_float(x)).indices)
-        self._decode = jax.jit(lambda p, s, c: image_metrics.to_uint8(
+        self._decode = jax.jit(lambda p, s, c: to_uint8(
             merge(graphdef, p, s).decode_indices(c)))
         self._single = jax.jit(codebook_analysis.single_codebook_step,
                                static_argnames=("graphdef", "fill"))
@@ -58,7 +58,7 @@ class Tokenizer:
     @property
     def model(self):
         """The restored nnx Tokenizer, for anything the two functions do not cover."""
-        return train_state.merge_model(self._graphdef, *self._variables)
+        return architecture.merge_model(self._graphdef, *self._variables)
 
     def encode(self, images) -> np.ndarray:
         self._check_images(images)
@@ -103,6 +103,5 @@ def load_tokenizer(path: str) -> Tokenizer:
     with open(os.path.join(workdir, "config.json")) as f:
         config = config_lib.config_from_dict(json.load(f))
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
-    state = checkpointing.restore_latest_state(workdir, config, mesh, step=step)
-    params = state.ema_params if state.ema_params is not None else state.params
-    return Tokenizer(config, params, state.model_state)
+    params, model_state, _ = checkpointing.restore_model(workdir, config, mesh, step=step)
+    return Tokenizer(config, params, model_state)

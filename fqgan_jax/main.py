@@ -4,6 +4,7 @@ r"""Entry point: `python -m fqgan_jax.main --config=configs/dual.py --workdir=DI
   --mode=eval    evaluates the latest checkpoint in DIR on the eval split
   --distributed  multi-host: every host runs the same command (launch/ has the scripts)
   --config.x=y   overrides any config key (see fqgan_jax/config_lib.py)
+  --log=all      shows every library's INFO lines, not only the run's own (fqgan_jax/run_log.py)
 """
 
 import os
@@ -11,6 +12,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from fqgan_jax import run_log
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:preset].",
                                           lock_config=True)
@@ -24,6 +27,10 @@ _COORDINATOR = flags.DEFINE_string(
     "does not detect (env JAX_COORDINATOR_ADDRESS also works).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank, 0-based.")
+_LOG = flags.DEFINE_enum(
+    "log", run_log.RUN, list(run_log.CHOICES), "Which INFO lines the log shows: 'run' (the "
+    "run's own: fqgan_jax's, clu's metrics, progress and parameter tables) or 'all' (every "
+    "library's, as does -v 1). Warnings and errors always show. See fqgan_jax/run_log.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,6 +46,7 @@ def parse_flags(argv):
 
 def main(argv):
     del argv
+    run_log.configure(_LOG.value)
     # TensorFlow (imported by clu's writers and tfds) must never take the accelerators.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax  # noqa: PLC0415
@@ -48,15 +56,17 @@ def main(argv):
                                    process_id=_PROCESS_ID.value)
     import tensorflow as tf  # noqa: PLC0415
     tf.config.set_visible_devices([], "GPU")
-    from fqgan_jax import (checkpointing, config_lib, data, evaluate, fid,  # noqa: PLC0415
-                           pretrained, train)
+    from fqgan_jax import checkpointing, config_lib, data
+    from fqgan_jax.eval import evaluate, fid
+    from fqgan_jax.frozen import weights
+    from fqgan_jax.training import loop
     logging.info("JAX process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices())
     user_errors = (config_lib.ConfigError, data.DataError, checkpointing.CheckpointError,
-                   pretrained.PretrainedError, fid.FIDError, train.NonFiniteError)
+                   weights.PretrainedError, fid.FIDError, loop.NonFiniteError)
     try:
         if _MODE.value == "train":
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
         else:
             evaluate.evaluate_workdir(_CONFIG.value, _WORKDIR.value)
     except user_errors as error:

@@ -135,3 +135,12 @@ def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding)
     """Host-local numpy arrays -> global jax.Arrays (each host passes its own slice)."""
     return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for name, value in local_batch.items()}
+
+
+def under_mesh(fn, mesh: Mesh):
+    """`fn` called with `mesh` set (jax.set_mesh): a jitted function traces under it, so layers
+    that look the mesh up by axis name (the sharded codebook search) find it."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+    return call

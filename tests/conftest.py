@@ -73,15 +73,15 @@ def tiny_config():
 def trained_workdir(tmp_path_factory):
     """One tiny 4-step training run with the whole objective (the random tiny CLIP teaching
     `sem`) and a profile of step 2, shared by the tests that inspect its outputs."""
-    from fqgan_jax import train
+    from fqgan_jax.training import loop
 
     workdir = tmp_path_factory.mktemp("trained")
     # 8 devices x 1 image: per-device InfoNCE would have no negatives, so the global batch's.
     config = make_tiny_config(**{"loss.semantic_weight": 0.5,
                                  "loss.infonce_negatives": "global",
                                  "eval.single_codebook_images": 8, "eval.tsne_points": 64,
-                                 "train.profile_steps": 1, "train.profile_first_step": 2})
-    result = train.train_and_evaluate(config, str(workdir))
+                                 "loop.profile_steps": 1, "loop.profile_first_step": 2})
+    result = loop.train_and_evaluate(config, str(workdir))
     return workdir, result
 
 
@@ -98,7 +98,7 @@ def fid_inception_weights(tmp_path_factory, fid_inception_torch_state):
     """That state dict saved as pytorch-fid's .pth and converted by our CLI: the weights file."""
     import torch
 
-    from fqgan_jax.models import inception
+    from fqgan_jax.frozen import inception
     from fqgan_jax.tools import convert
 
     directory = tmp_path_factory.mktemp("inception")
@@ -110,30 +110,22 @@ def fid_inception_weights(tmp_path_factory, fid_inception_torch_state):
 
 
 def make_step(config, devices=None, frozen=None, shape=None):
-    """(initial state, compiled train step, mesh) for `config` on a (data, fsdp) mesh of `shape`
-    (default: all of `devices` on `data`; `devices` default: one); `frozen` defaults to what
-    frozen_nets.load gives the config (the tiny random teacher)."""
+    """(initial state, train step, mesh) of `build_run(config)` on a (data, fsdp) mesh of
+    `shape` (default: all of `devices` on `data`; `devices` default: one); `frozen` defaults to
+    what build_run loads for the config (the tiny random teacher)."""
     import math
 
     import jax
 
-    from fqgan_jax import frozen_nets, sharding
-    from fqgan_jax import train_state as ts
-    from fqgan_jax.train_step import compile_train_step
+    from fqgan_jax import sharding
+    from fqgan_jax.training.build import build_run
 
     if devices is None:
         devices = jax.devices()[:math.prod(shape) if shape else 1]
     devices = list(devices)
     config.mesh.shape = tuple(shape) if shape else (len(devices), 1)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    frozen = frozen_nets.load(config, mesh) if frozen is None else frozen
-    components = ts.make_components(config)
-    shardings = sharding.state_shardings(ts.abstract_state(config, components), mesh,
-                                         config.mesh)
-    state = ts.create_train_state(config, components, shardings)
-    step = compile_train_step(config, components, shardings, frozen_nets.shardings(frozen, mesh),
-                              sharding.batch_sharding(mesh), sharding.replicated(mesh))
-    return state, step, mesh
+    run = build_run(config, sharding.make_mesh(config.mesh, devices), frozen=frozen)
+    return run.init_state(), run.train_step, run.mesh
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import make_step, make_tiny_config
 from flax import nnx
 
-from fqgan_jax import adversarial, config_lib, losses, sharding
-from fqgan_jax import train_state as ts
-
-from conftest import make_step, make_tiny_config
+from fqgan_jax import architecture, config_lib, sharding
+from fqgan_jax.objectives import adversarial, losses
+from fqgan_jax.training import train_state as ts
 
 
 def _batch(config, seed=0):
@@ -133,7 +133,7 @@ def test_generators_pass_through_d_leaves_its_statistics_alone(stepper):
     config, components = stepper.config, stepper.components
     state, inputs = stepper.state(step=5), stepper.inputs()
     images = inputs["image"].astype(jnp.float32) / 127.5 - 1
-    recon, _ = ts.merge_model(components.graphdef, state.params, state.model_state)(images)
+    recon, _ = architecture.merge_model(components.graphdef, state.params, state.model_state)(images)
     expected, _ = jax.jit(lambda d, x, r: adversarial.discriminator_update(
         d, x, r, disc_graphdef=components.disc_graphdef,
         disc_tx=components.disc_tx, gan=config.gan))(state.disc, images, recon)
@@ -183,7 +183,7 @@ def test_no_discriminator_compute_before_its_start(tiny_config):
     """Each adversarial phase is its own program: before D's start it holds no D convolution
     at all; with D training, D's forward and backward; with the GAN term, also the generator's
     pass through D and back."""
-    from fqgan_jax.train_step import train_step
+    from fqgan_jax.training.train_step import train_step
 
     config = tiny_config(**PHASED)
     components = ts.make_components(config)
@@ -242,15 +242,15 @@ def test_adaptive_weight_equals_the_full_gradient_ratio(tiny_config):
     def both(state, images):
         gan_fn = adversarial.gan_generator_fn(components.disc_graphdef, state.disc, "hinge")
         nll_fn = lambda r: losses.nll_loss(images, r, config.loss)[0]  # noqa: E731
-        recon_of = lambda p: ts.merge_model(  # noqa: E731
+        recon_of = lambda p: architecture.merge_model(  # noqa: E731
             components.graphdef, p, state.model_state)(images)[0]
         kernel = lambda g: g["decoder"]["conv_out"]["kernel"]  # noqa: E731
         g_nll = kernel(jax.grad(lambda p: nll_fn(recon_of(p)))(state.params))
         g_gan = kernel(jax.grad(lambda p: gan_fn(recon_of(p)))(state.params))
         expected = jnp.linalg.norm(g_nll) / (jnp.linalg.norm(g_gan) + 1e-4)
 
-        model = ts.merge_model(components.graphdef, state.params, state.model_state)
-        features = model.decode_features(model.encode(images).codes)
+        model = architecture.merge_model(components.graphdef, state.params, state.model_state)
+        features = model.decode_features(model.encode(images).quantized)
         recon = model.decoder.conv_out(features).astype(jnp.float32)
         got = adversarial.last_layer_adaptive_weight(
             nll_fn, gan_fn, recon, nnx.split(model.decoder.conv_out), features, 1e4)

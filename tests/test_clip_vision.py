@@ -13,9 +13,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 from torch_reference import import_torchvision
 
-from fqgan_jax import hf_checkpoint, pretrained
-from fqgan_jax.models import clip_vision
-from fqgan_jax.models.teacher_preprocess import resize_nearest_like_torch
+from fqgan_jax.frozen import clip_vision, weights
+from fqgan_jax.frozen.preprocess import resize_nearest_like_torch
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             image_size=32, patch_size=8)
@@ -84,7 +83,7 @@ def test_loads_the_tower_of_a_full_clip_checkpoint(transformers, tmp_path):
                                              bos_token_id=0, eos_token_id=1, pad_token_id=1))
     full = transformers.CLIPModel(config).eval()
     full.save_pretrained(tmp_path, safe_serialization=True)
-    keys = hf_checkpoint.read_state_dict(str(tmp_path)).keys()
+    keys = weights.read_state_dict(str(tmp_path)).keys()
     assert "vision_model.pre_layrnorm.weight" in keys and "text_projection.weight" in keys
     pixels = normalized_pixels(batch=1)
     want = torch_outputs(full.vision_model, pixels)
@@ -193,32 +192,32 @@ def test_official_keys():
 
 
 def test_missing_checkpoint_says_how_to_download(tmp_path):
-    with pytest.raises(pretrained.PretrainedError,
+    with pytest.raises(weights.PretrainedError,
                        match="(?s)nowhere.*huggingface-cli download openai/clip-vit-large"):
         clip_vision.load_clip_vision(str(tmp_path / "nowhere"))
 
 
 def test_checkpoint_errors_name_the_keys(tower):
     _, directory = tower
-    state = hf_checkpoint.read_state_dict(directory)
+    state = weights.read_state_dict(directory)
     abstract = nnx.state(nnx.eval_shape(lambda: clip_vision.random_init(TINY_SIZES)), nnx.Param)
     clip_vision.from_hf_state_dict(state, abstract)  # the unmodified state fits
     for extra in ("encoder.layers.2.mlp.fc1.bias",  # a deeper tower
                   "vision_model.embeddings.patch_embedding.bias"):  # CLIP's patch conv has none
-        with pytest.raises(pretrained.PretrainedError, match=f"1 unexpected: {extra}"):
+        with pytest.raises(weights.PretrainedError, match=f"1 unexpected: {extra}"):
             clip_vision.from_hf_state_dict(dict(state, **{extra: np.zeros(64)}), abstract)
     del state["post_layernorm.weight"]
-    with pytest.raises(pretrained.PretrainedError, match="1 missing: post_layernorm.weight"):
+    with pytest.raises(weights.PretrainedError, match="1 missing: post_layernorm.weight"):
         clip_vision.from_hf_state_dict(state, abstract)
 
 
 def test_wrong_shape_error_names_the_file_and_the_array(tower, tmp_path):
     _, directory = tower
-    state = hf_checkpoint.read_state_dict(directory)
+    state = weights.read_state_dict(directory)
     state["encoder.layers.1.mlp.fc1.weight"] = np.zeros((64, 64), np.float32)
     save_file(state, tmp_path / "model.safetensors")
     shutil.copy(f"{directory}/config.json", tmp_path)
-    with pytest.raises(pretrained.PretrainedError,
+    with pytest.raises(weights.PretrainedError,
                        match=rf"(?s){re.escape(str(tmp_path))}.*1 with the wrong shape: "
                              r"encoder.layers.1.mlp.fc1.weight \(expected \(128, 64\), "
                              r"found \(64, 64\)\).*huggingface-cli download"):

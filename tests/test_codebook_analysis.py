@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from fqgan_jax import codebook_analysis as ca
-from fqgan_jax import image_metrics
+from fqgan_jax.data import pixels
+from fqgan_jax.eval import codebook_analysis as ca
 from fqgan_jax.models import Tokenizer
 
 # The sizes of tests/test_models.py's TINY: 16 px images, 8x8 tokens, k=2 sub-codebooks of 64.
@@ -88,7 +88,7 @@ def test_row_zero_is_the_full_reconstruction(model, images, recon):
 
 
 def test_only_rows_decode_codes_with_the_other_subcode_zeroed(model, images, recon):
-    codes = model.encode(images).codes
+    codes = model.encode(images).quantized
     for i in range(model.num_codebooks):
         other = 1 - i
         expected = model.decode_codes(codes.at[..., other, :].set(0.0))
@@ -101,7 +101,7 @@ def test_only_rows_decode_codes_with_the_other_subcode_zeroed(model, images, rec
 def test_zero_fill_acts_before_post_quant_conv(model, images):
     """post_quant_conv is affine, so the two single-code inputs sum to the full one plus a bias:
     this holds only if the masking happens on the codes, before the conv (bias kept once each)."""
-    codes = model.encode(images).codes
+    codes = model.encode(images).quantized
     conv = model.post_quant_conv
 
     def conv_of(c):
@@ -114,10 +114,10 @@ def test_zero_fill_acts_before_post_quant_conv(model, images):
 def test_jitted_step_matches_eager_uint8(model, images, recon):
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     step = jax.jit(functools.partial(ca.single_codebook_step, graphdef=graphdef, fill="zeros"))
-    images_u8 = image_metrics.to_uint8(images)
+    images_u8 = pixels.to_uint8(images)
     out = step(params, model_state, images_u8)
     assert out.shape == recon.shape and out.dtype == jnp.uint8
-    eager = image_metrics.to_uint8(
+    eager = pixels.to_uint8(
         ca.single_codebook_reconstructions(model, images_u8.astype(jnp.float32) / 127.5 - 1.0))
     # Fused XLA arithmetic may move a value across a rounding boundary: at most one level.
     assert int(jnp.max(jnp.abs(out.astype(jnp.int32) - eager.astype(jnp.int32)))) <= 1
@@ -165,7 +165,7 @@ def test_decoder_codebook_is_what_lookup_returns(model, images):
     quantized = model.encode(images)
     indices = np.asarray(quantized.indices)
     for i in range(2):
-        np.testing.assert_allclose(codebook[i][indices[..., i]], quantized.codes[..., i, :],
+        np.testing.assert_allclose(codebook[i][indices[..., i]], quantized.quantized[..., i, :],
                                    rtol=1e-6, atol=1e-6)
 
 

@@ -1,14 +1,14 @@
 """Config files, presets, semantic checks and command-line errors."""
 
+import ast
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from fqgan_jax import config_lib
-
-from conftest import REPO
 
 CONFIGS = ("vqgan", "dual", "triple")
 
@@ -45,6 +45,28 @@ def test_configs_set_their_codebook_layout():
     assert load("configs/triple.py").model.branches == ("vis", "sem_mid", "sem_high")
     assert load("configs/dual.py:ds8").model.ch_mult == (1, 2, 2, 4)
     assert load("configs/dual.py:smoke").data.source == "photos"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_each_config_file_holds_its_presets(name):
+    """A reader sees the whole experiment in one file: get_config itself says what `:ds8` and
+    `:smoke` change, and its docstring gives their commands; config_lib applies no preset."""
+    assert not hasattr(config_lib, "apply_preset")
+    path = os.path.join(REPO, f"configs/{name}.py")
+    with open(path) as f:
+        source = f.read()
+    tree = ast.parse(source)
+    get_config = next(node for node in tree.body
+                      if isinstance(node, ast.FunctionDef) and node.name == "get_config")
+    body = ast.get_source_segment(source, get_config)
+    for preset in ("ds8", "smoke"):
+        assert f'preset == "{preset}"' in body
+        assert f"--config=configs/{name}.py:{preset}" in ast.get_docstring(tree)
+    assert "ch_mult" in body and "codebook_size" in body  # the model sizes, in the file
+    load = lambda p: config_lib.load_config_file(f"{path}:{p}")  # noqa: E731
+    full, ds8, smoke = load(""), load("ds8"), load("smoke")
+    assert ds8.model.ch_mult == (1, 2, 2, 4) != full.model.ch_mult
+    assert smoke.data.source == "photos" != full.data.source
 
 
 def test_unknown_preset_names_valid_ones():

@@ -19,8 +19,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 from torch_reference import import_torchvision
 
-from fqgan_jax import hf_checkpoint, pretrained
-from fqgan_jax.models import dinov2
+from fqgan_jax.frozen import dinov2, weights
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 2,
         "patch_size": 8, "image_size": 32, "layerscale_value": 0.5}
@@ -246,7 +245,7 @@ def altered_snapshot(snapshots, tmp_path, **replace):
     """A copy of the plain snapshot with `replace` ({key: array or None}) swapped in, added or
     (None) removed."""
     source = snapshots["plain"][1]
-    state = hf_checkpoint.read_state_dict(str(source))
+    state = weights.read_state_dict(str(source))
     for key, array in replace.items():
         if array is None:
             del state[key]
@@ -259,14 +258,14 @@ def altered_snapshot(snapshots, tmp_path, **replace):
 
 def test_missing_path(tmp_path):
     path = str(tmp_path / "nowhere")
-    with pytest.raises(pretrained.PretrainedError, match=f"{path}.*huggingface-cli download"):
+    with pytest.raises(weights.PretrainedError, match=f"{path}.*huggingface-cli download"):
         dinov2.load_dinov2(path)
 
 
 def test_wrong_shape(snapshots, tmp_path):
     key = "encoder.layer.1.attention.attention.key.weight"
     path = altered_snapshot(snapshots, tmp_path, **{key: np.zeros((64, 32), np.float32)})
-    with pytest.raises(pretrained.PretrainedError,
+    with pytest.raises(weights.PretrainedError,
                        match=rf"wrong shape: {key} \(expected \(64, 64\), found \(64, 32\)\)"):
         dinov2.load_dinov2(path)
 
@@ -275,7 +274,7 @@ def test_unexpected_and_missing_keys(snapshots, tmp_path):
     path = altered_snapshot(snapshots, tmp_path, **{
         "encoder.layer.2.norm1.weight": np.ones(64, np.float32), "classifier.weight":
         np.ones((3, 64), np.float32), "layernorm.bias": None})
-    with pytest.raises(pretrained.PretrainedError) as error:
+    with pytest.raises(weights.PretrainedError) as error:
         dinov2.load_dinov2(path)
     message = str(error.value)
     assert path in message
@@ -287,5 +286,5 @@ def test_unexpected_and_missing_keys(snapshots, tmp_path):
 def test_not_a_dinov2_config(snapshots, tmp_path):
     path = altered_snapshot(snapshots, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
-    with pytest.raises(pretrained.PretrainedError, match="'clip_vision_model' is not a DINOv2"):
+    with pytest.raises(weights.PretrainedError, match="'clip_vision_model' is not a DINOv2"):
         dinov2.load_dinov2(path)

@@ -13,10 +13,11 @@ import pytest
 from clu import metric_writers
 from flax import nnx
 
-from fqgan_jax import (checkpointing, config_lib, data, evaluate, fid, inception_metrics,
-                       pretrained, sharding, train)
-from fqgan_jax.models import inception
-from fqgan_jax.train_state import model_graphdef
+from fqgan_jax import checkpointing, config_lib, data, sharding
+from fqgan_jax.architecture import model_graphdef
+from fqgan_jax.eval import evaluate, fid, inception_metrics
+from fqgan_jax.frozen import inception, weights
+from fqgan_jax.training import loop
 
 
 def _config(workdir, **eval_overrides):
@@ -40,10 +41,10 @@ def passes(workdir, fid_inception_weights):
     config = _config(workdir, inception_weights=fid_inception_weights, fid_method="eigh")
     mesh = sharding.make_mesh(config.mesh)
     evaluator = inception_metrics.load(config, mesh)
-    state = checkpointing.restore_latest_state(str(workdir), config, mesh)
+    params, model_state, _ = checkpointing.restore_model(str(workdir), config, mesh)
     eval_fn = evaluate.compile_eval_step(config, model_graphdef(config), mesh)
     writer = metric_writers.create_default_writer(str(workdir))
-    results = [evaluate.evaluate(config, state.params, state.model_state, eval_fn=eval_fn,
+    results = [evaluate.evaluate(config, params, model_state, eval_fn=eval_fn,
                                  mesh=mesh, step=4, workdir=str(workdir), writer=writer,
                                  inception=evaluator) for _ in range(2)]
     writer.close()
@@ -125,13 +126,13 @@ def test_bad_inception_or_reference_files_fail_before_anything_is_written(
         workdir, fid_inception_weights, tiny_config, tmp_path, problem):
     if problem == "missing_weights":
         overrides, error, words = dict(inception_weights=str(tmp_path / "none.npz")), \
-            pretrained.PretrainedError, ["none.npz does not exist", "convert inception"]
+            weights.PretrainedError, ["none.npz does not exist", "convert inception"]
     elif problem == "wrong_kind":  # an LPIPS-kind file where the Inception should be
         wrong = tmp_path / "lpips.npz"
-        pretrained.save(str(wrong), nnx.State({"w": np.zeros(2, np.float32)}),
+        weights.save(str(wrong), nnx.State({"w": np.zeros(2, np.float32)}),
                         kind="lpips_vgg16")
         overrides, error, words = dict(inception_weights=str(wrong)), \
-            pretrained.PretrainedError, ["'lpips_vgg16'", "'fid_inception_v3'"]
+            weights.PretrainedError, ["'lpips_vgg16'", "'fid_inception_v3'"]
     else:
         stats = tmp_path / "stats.npz"
         if problem == "reference_dims":
@@ -147,5 +148,5 @@ def test_bad_inception_or_reference_files_fail_before_anything_is_written(
     config = tiny_config()
     config.eval.update(overrides)
     with pytest.raises(error):  # training stops at setup too, before its workdir exists
-        train.setup(config, str(tmp_path / "new_run"))
+        loop.setup(config, str(tmp_path / "new_run"))
     assert not (tmp_path / "new_run").exists()

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from torch_reference import import_torchvision
 
-from fqgan_jax import fid, inception_score
+from fqgan_jax.eval import fid, inception_score
 
 
 def feature_sets(n=600, dim=48, seed=0):

@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, make_step
 from flax import nnx
 
-from fqgan_jax import config_lib, frozen_nets, pretrained, sharding, train
-from fqgan_jax import train_state as ts
-from fqgan_jax.models import lpips
-from fqgan_jax.train_step import _perceptual_fn
-
-from conftest import REPO, make_step
+from fqgan_jax import architecture, config_lib, sharding
+from fqgan_jax.frozen import lpips, networks, weights
+from fqgan_jax.training import loop
+from fqgan_jax.training import train_state as ts
+from fqgan_jax.training.train_step import _perceptual_fn
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def random_lpips_file(tmp_path_factory):
     params = nnx.state(lpips.LPIPS(rngs=nnx.Rngs(0)), nnx.Param)
     for head in params["lins"].values():  # LPIPS heads are non-negative, as the real ones
         head["kernel"].value = jnp.abs(head["kernel"].value)
-    pretrained.save(path, params, kind=lpips.WEIGHTS_KIND)
+    weights.save(path, params, kind=lpips.WEIGHTS_KIND)
     return path
 
 
@@ -39,12 +39,12 @@ def _with_lpips(tiny_config, path, **overrides):
 def test_perceptual_term_in_the_train_step(tiny_config, random_lpips_file):
     config = _with_lpips(tiny_config, random_lpips_file)
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
-    frozen = frozen_nets.load(config, mesh)
+    frozen = networks.load(config, mesh)
     state, step, mesh = make_step(config, frozen=frozen)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
     # The term the step logs is the batch-mean LPIPS of the reconstructions of its params.
     components = ts.make_components(config)
-    model = ts.merge_model(components.graphdef, state.params, state.model_state)
+    model = architecture.merge_model(components.graphdef, state.params, state.model_state)
     x = jnp.asarray(images, jnp.float32) / 127.5 - 1
     expected = jnp.mean(lpips.load_lpips(random_lpips_file)(x, model(x)[0]))
     inputs = sharding.to_global_batch({"image": images}, sharding.batch_sharding(mesh))
@@ -75,8 +75,8 @@ def test_lpips_dropout_option_is_keyed(tiny_config, random_lpips_file):
 def test_missing_weights_fail_before_compiling(tiny_config, tmp_path):
     missing = str(tmp_path / "nowhere" / "lpips_vgg16.npz")
     config = _with_lpips(tiny_config, missing, **{"loss.lpips_required": True})
-    with pytest.raises(pretrained.PretrainedError) as error:
-        train.setup(config, str(tmp_path / "workdir"))
+    with pytest.raises(weights.PretrainedError) as error:
+        loop.setup(config, str(tmp_path / "workdir"))
     message = str(error.value)
     for part in (missing, "python -m fqgan_jax.tools.convert lpips", "--vgg16=",
                  "config.loss.lpips_weights", "perceptual_weight=0"):
@@ -88,9 +88,9 @@ def test_wrong_shapes_fail_before_compiling(tiny_config, tmp_path):
     bad = nnx.state(lpips.LPIPS(rngs=nnx.Rngs(0)), nnx.Param)
     bad["lins"][2]["kernel"].value = jnp.zeros((1, 1, 128, 1))  # 256 channels expected
     path = str(tmp_path / "bad.npz")
-    pretrained.save(path, bad, kind=lpips.WEIGHTS_KIND)
-    with pytest.raises(pretrained.PretrainedError, match=r"lins/2/kernel.*\(1, 1, 256, 1\)"):
-        train.setup(_with_lpips(tiny_config, path, **{"loss.lpips_required": True}),
+    weights.save(path, bad, kind=lpips.WEIGHTS_KIND)
+    with pytest.raises(weights.PretrainedError, match=r"lins/2/kernel.*\(1, 1, 256, 1\)"):
+        loop.setup(_with_lpips(tiny_config, path, **{"loss.lpips_required": True}),
                     str(tmp_path / "workdir"))
 
 
@@ -99,7 +99,7 @@ def test_smoke_presets_run_without_lpips_and_say_so(tmp_path, caplog):
     config.loss.lpips_weights = str(tmp_path / "absent.npz")
     assert config.loss.perceptual_weight == 1.0 and not config.loss.lpips_required
     with caplog.at_level(logging.WARNING):
-        resolved = frozen_nets.resolve(config)
+        resolved = networks.resolve(config)
     assert resolved.loss.perceptual_weight == 0.0
     assert config.loss.perceptual_weight == 1.0  # the caller's config is left alone
     assert "WITHOUT the perceptual loss" in caplog.text
@@ -109,7 +109,7 @@ def test_smoke_presets_run_without_lpips_and_say_so(tmp_path, caplog):
 def test_smoke_presets_use_lpips_when_the_file_is_there(random_lpips_file):
     config = config_lib.load_config_file(os.path.join(REPO, "configs/dual.py:smoke"))
     config.loss.lpips_weights = random_lpips_file
-    assert frozen_nets.resolve(config).loss.perceptual_weight == 1.0
+    assert networks.resolve(config).loss.perceptual_weight == 1.0
 
 
 def test_full_presets_carry_the_official_objective():

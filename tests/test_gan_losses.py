@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fqgan_jax import adversarial, config_lib, gan_losses
+from fqgan_jax import config_lib
+from fqgan_jax.objectives import adversarial, gan_losses
 
 REAL = jnp.array([[2.0, 0.5], [-1.0, 1.0]])  # shaped like [B, h] patch logits
 FAKE = jnp.array([[-2.0, 0.5], [1.0, -0.25]])

@@ -8,7 +8,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from skimage import data, filters, metrics
 
-from fqgan_jax import image_grid, image_metrics
+from fqgan_jax.data import pixels
+from fqgan_jax.eval import image_grid, image_metrics
 
 _SHAPES = [(7, 7), (16, 24), (37, 80), (64, 64), (128, 96)]
 
@@ -109,7 +110,7 @@ def test_input_validation():
 def test_to_uint8_default_round_trip_is_exact():
     levels = np.arange(256, dtype=np.uint8)
     as_float = levels.astype(np.float32) / 127.5 - 1.0
-    for fn in (image_metrics.to_uint8, jax.jit(image_metrics.to_uint8)):
+    for fn in (pixels.to_uint8, jax.jit(pixels.to_uint8)):
         out = np.asarray(fn(as_float))
         assert out.dtype == np.uint8
         np.testing.assert_array_equal(out, levels)
@@ -125,18 +126,18 @@ def test_to_uint8_legacy_offset_hand_picked():
     # out of range values clamp; -0.999 -> 0.6275 -> 0; -0.99 -> 1.775 -> 1.
     x = np.array([-1.0, 1.0, 0.0, 0.5, -0.5, 2.0, -3.0, -0.999, -0.99], np.float32)
     expected = np.array([0, 255, 128, 191, 64, 255, 0, 0, 1], np.uint8)
-    legacy = jax.jit(image_metrics.to_uint8, static_argnames="legacy_offset")
+    legacy = jax.jit(pixels.to_uint8, static_argnames="legacy_offset")
     np.testing.assert_array_equal(np.asarray(legacy(x, legacy_offset=True)), expected)
 
 
 def test_to_uint8_legacy_matches_official_formula_and_default_off_ties():
     x = np.random.default_rng(2).uniform(-1.2, 1.2, size=(4, 64, 64, 3)).astype(np.float32)
     official = np.clip(np.float32(127.5) * x + np.float32(128.0), 0, 255).astype(np.uint8)
-    to_u8 = jax.jit(image_metrics.to_uint8, static_argnames="legacy_offset")
+    to_u8 = jax.jit(pixels.to_uint8, static_argnames="legacy_offset")
     legacy = np.asarray(to_u8(x, legacy_offset=True))
     np.testing.assert_array_equal(legacy, official)
     # floor(v + 0.5) is round-half-up: away from exact half-level ties it equals the default.
-    default = np.asarray(image_metrics.to_uint8(x)).astype(int)
+    default = np.asarray(pixels.to_uint8(x)).astype(int)
     diff = default - legacy.astype(int)
     assert np.abs(diff).max() <= 1 and np.count_nonzero(diff) <= 2
 
@@ -153,7 +154,7 @@ def test_sharded_equals_unsharded():
         np.testing.assert_allclose(
             np.asarray(sharded), np.asarray(fn(ref, rec)), rtol=1e-6, atol=1e-7
         )
-    to_u8 = jax.jit(image_metrics.to_uint8)
+    to_u8 = jax.jit(pixels.to_uint8)
     np.testing.assert_array_equal(
         np.asarray(to_u8(jax.device_put(2 * ref - 1, sharding))), np.asarray(to_u8(2 * ref - 1))
     )

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from flax import nnx
 from torch_reference import import_torchvision
 
-from fqgan_jax import pretrained
-from fqgan_jax.models import inception
+from fqgan_jax.frozen import inception, weights
 from fqgan_jax.tools import convert
 
 SIZES = [(299, 299), (256, 256), (64, 80), (400, 333)]  # identity, upsample, small, downsample
@@ -193,22 +192,23 @@ def test_converter_names_bad_keys(tmp_path, capsys):
     assert convert.main(["inception", f"--pth={tmp_path / 'partial.pth'}",
                          f"--out={tmp_path / 'out.npz'}"]) == 2
     err = capsys.readouterr().err
-    assert "1 keys that are not FID Inception keys (Mixed_5b.extra.weight)" in err
+    assert "The --pth file does not fit the FID Inception" in err
+    assert "1 unexpected: Mixed_5b.extra.weight" in err
     assert ("Conv2d_1a_3x3.conv.weight (expected (32, 3, 3, 3), found (32, 3, 5, 5))" in err)
-    assert "(471 arrays missing)" in err and "Is it pytorch-fid's pt_inception" in err
+    assert "471 missing: " in err and "Is it pytorch-fid's pt_inception" in err
 
 
 def test_file_of_another_kind(tmp_path):
     path = str(tmp_path / "lpips.npz")
-    pretrained.save(path, nnx.State({"w": nnx.Param(np.zeros(3, np.float32))}),
+    weights.save(path, nnx.State({"w": nnx.Param(np.zeros(3, np.float32))}),
                     kind="lpips_vgg16")
-    with pytest.raises(pretrained.PretrainedError, match="'lpips_vgg16'.*'fid_inception_v3'"):
+    with pytest.raises(weights.PretrainedError, match="'lpips_vgg16'.*'fid_inception_v3'"):
         inception.load_inception(path)
 
 
 def test_missing_file(tmp_path):
     path = str(tmp_path / "nowhere.npz")
-    with pytest.raises(pretrained.PretrainedError) as error:
+    with pytest.raises(weights.PretrainedError) as error:
         inception.load_inception(path)
     assert path in str(error.value)
     assert "fqgan_jax.tools.convert inception --pth=" in str(error.value)

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import fqgan_jax
-from fqgan_jax import checkpointing, config_lib, evaluate
+from fqgan_jax import checkpointing, config_lib
+from fqgan_jax.eval import evaluate
 
 
 def _config(workdir):

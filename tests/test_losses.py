@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqgan_jax import losses
+from fqgan_jax.objectives import infonce, losses
 
 
 def _unit(x):
@@ -62,22 +62,22 @@ def _info_nce_reference(pred, teacher):
 def test_info_nce_by_hand_global_and_per_group():
     rng = np.random.default_rng(0)
     pred, teacher = rng.normal(size=(8, 16)), rng.normal(size=(8, 16))
-    np.testing.assert_allclose(losses.info_nce_loss(pred, teacher), _info_nce_reference(
+    np.testing.assert_allclose(infonce.info_nce_loss(pred, teacher), _info_nce_reference(
         pred, teacher), rtol=1e-5)
     # Per-shard negatives: the mean over groups of each group's own InfoNCE.
     per_group = np.mean([_info_nce_reference(pred[i:i + 2], teacher[i:i + 2])
                          for i in range(0, 8, 2)])
-    np.testing.assert_allclose(losses.info_nce_loss(pred, teacher, num_groups=4), per_group,
+    np.testing.assert_allclose(infonce.info_nce_loss(pred, teacher, num_groups=4), per_group,
                                rtol=1e-5)
 
 
 def test_info_nce_gradient_reaches_the_prediction_not_the_teacher():
     rng = np.random.default_rng(1)
     pred, teacher = jnp.asarray(rng.normal(size=(4, 8))), jnp.asarray(rng.normal(size=(4, 8)))
-    g_pred, g_teacher = jax.grad(lambda p, t: losses.info_nce_loss(p, t), argnums=(0, 1))(
+    g_pred, g_teacher = jax.grad(lambda p, t: infonce.info_nce_loss(p, t), argnums=(0, 1))(
         pred, teacher)
     assert np.abs(np.asarray(g_pred)).sum() > 0
     assert np.all(np.asarray(g_teacher) == 0)
     # Aligned pairs give a lower loss than shuffled ones; the bound is log(B) at random.
-    assert float(losses.info_nce_loss(teacher, teacher)) < float(
-        losses.info_nce_loss(teacher[::-1], teacher))
+    assert float(infonce.info_nce_loss(teacher, teacher)) < float(
+        infonce.info_nce_loss(teacher[::-1], teacher))

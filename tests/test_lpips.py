@@ -15,8 +15,7 @@ import torch
 from flax import nnx
 from torch_reference import lpips_reference
 
-from fqgan_jax import pretrained
-from fqgan_jax.models import lpips
+from fqgan_jax.frozen import lpips, weights
 from fqgan_jax.tools import convert
 
 
@@ -183,7 +182,7 @@ def zero_params(**replace) -> nnx.State:
 
 def test_save_is_atomic_and_loads(tmp_path):
     path = tmp_path / "sub" / "weights.npz"
-    pretrained.save(str(path), zero_params(), kind=lpips.WEIGHTS_KIND)
+    weights.save(str(path), zero_params(), kind=lpips.WEIGHTS_KIND)
     assert os.listdir(path.parent) == ["weights.npz"]  # no temporary file left behind
     model = lpips.load_lpips(str(path))
     assert model.vgg[28].kernel.shape == (3, 3, 512, 512)
@@ -191,23 +190,23 @@ def test_save_is_atomic_and_loads(tmp_path):
 
 def test_default_path(monkeypatch):
     monkeypatch.setenv("FQGAN_JAX_WEIGHTS_DIR", "/weights")
-    assert pretrained.default_path("x.npz") == "/weights/x.npz"
+    assert weights.default_path("x.npz") == "/weights/x.npz"
     monkeypatch.delenv("FQGAN_JAX_WEIGHTS_DIR")
-    assert pretrained.default_path("x.npz") == os.path.expanduser("~/.cache/fqgan_jax/x.npz")
+    assert weights.default_path("x.npz") == os.path.expanduser("~/.cache/fqgan_jax/x.npz")
 
 
 def test_missing_file(tmp_path):
     path = str(tmp_path / "nowhere.npz")
-    with pytest.raises(pretrained.PretrainedError) as error:
+    with pytest.raises(weights.PretrainedError) as error:
         lpips.load_lpips(path)
     assert path in str(error.value) and "fqgan_jax.tools.convert lpips" in str(error.value)
 
 
 def test_wrong_shape(tmp_path):
     path = str(tmp_path / "bad.npz")
-    pretrained.save(path, zero_params(**{"vgg/0/kernel": np.zeros((3, 3, 3, 32))}),
+    weights.save(path, zero_params(**{"vgg/0/kernel": np.zeros((3, 3, 3, 32))}),
                     kind=lpips.WEIGHTS_KIND)
-    with pytest.raises(pretrained.PretrainedError, match=r"1 key with the wrong shape: "
+    with pytest.raises(weights.PretrainedError, match=r"1 key with the wrong shape: "
                        r"vgg/0/kernel \(expected \(3, 3, 3, 64\), found \(3, 3, 3, 32\)\)"):
         lpips.load_lpips(path)
 
@@ -215,16 +214,16 @@ def test_wrong_shape(tmp_path):
 def test_unexpected_and_missing_keys(tmp_path):
     path = str(tmp_path / "bad.npz")
     params = zero_params(**{"vgg/30/kernel": np.zeros((1,)), "lins/4/kernel": None})
-    pretrained.save(path, params, kind=lpips.WEIGHTS_KIND)
-    with pytest.raises(pretrained.PretrainedError,
+    weights.save(path, params, kind=lpips.WEIGHTS_KIND)
+    with pytest.raises(weights.PretrainedError,
                        match="1 key missing: lins/4/kernel; 1 key unexpected: vgg/30/kernel"):
         lpips.load_lpips(path)
 
 
 def test_file_of_another_kind(tmp_path):
     path = str(tmp_path / "inception.npz")
-    pretrained.save(path, zero_params(), kind="inception_v3")
-    with pytest.raises(pretrained.PretrainedError, match="'inception_v3'.*'lpips_vgg16'"):
+    weights.save(path, zero_params(), kind="inception_v3")
+    with pytest.raises(weights.PretrainedError, match="'inception_v3'.*'lpips_vgg16'"):
         lpips.load_lpips(path)
 
 
@@ -238,7 +237,7 @@ def test_not_our_format(tmp_path, content, problem):
         np.savez(path, weights=np.zeros(3))
     else:
         path.write_bytes(content)
-    with pytest.raises(pretrained.PretrainedError, match=problem):
+    with pytest.raises(weights.PretrainedError, match=problem):
         lpips.load_lpips(str(path))
 
 
@@ -251,7 +250,8 @@ def test_converter_rejects_a_non_vgg_state_dict(tmp_path, capsys):
     assert convert.main(["lpips", f"--vgg16={tmp_path / 'resnet.pth'}",
                          f"--out={tmp_path / 'out.npz'}"]) == 2
     err = capsys.readouterr().err
-    assert "2 keys that are not VGG16/LPIPS keys (conv1.weight, fc.weight)" in err
+    assert "The --vgg16 file does not fit the VGG16 convs of LPIPS" in err
+    assert "2 unexpected: conv1.weight, fc.weight" in err
     assert "torchvision vgg16 state dict" in err and "Traceback" not in err
     assert not (tmp_path / "out.npz").exists()
 
@@ -261,8 +261,9 @@ def test_converter_names_missing_arrays(tmp_path, capsys):
     assert convert.main(["lpips", f"--vgg16={tmp_path / 'partial.pth'}",
                          f"--out={tmp_path / 'out.npz'}"]) == 2
     err = capsys.readouterr().err
-    assert "--vgg16 file lacks features.0.bias, features.2.bias, features.2.weight" in err
-    assert "and 20 more (25 arrays); is it a torchvision vgg16 state dict" in err
+    assert ("--vgg16 file does not fit the VGG16 convs of LPIPS: 25 missing: features.0.bias, "
+            "features.2.bias, features.2.weight") in err
+    assert "and 20 more. Is it a torchvision vgg16 state dict" in err
 
 
 def test_converter_missing_input(tmp_path, capsys):

@@ -151,7 +151,7 @@ def test_encode_decode_shapes(branches, ch_mult):
     quantized = model.encode(images())
     assert quantized.indices.shape == (2, grid, grid, k)
     assert quantized.indices.dtype == jnp.int32
-    assert quantized.codes.shape == (2, grid, grid, k, TINY["code_dim"])
+    assert quantized.quantized.shape == (2, grid, grid, k, TINY["code_dim"])
     recon = model.decode_indices(quantized.indices)
     assert recon.shape == (2, 16, 16, 3) and recon.dtype == jnp.float32
 
@@ -188,7 +188,7 @@ def test_single_branch_without_adapter_is_plain_llamagen():
     h = model.encoder(x)
     z = branch.quant_conv(branch.conv_out(jax.nn.silu(branch.norm_out(h))))
     quantized = model.quantize(z[..., None, :])
-    expected = model.decoder(model.post_quant_conv(quantized.codes[..., 0, :]))
+    expected = model.decoder(model.post_quant_conv(quantized.quantized[..., 0, :]))
     recon, ours = model(x)
     np.testing.assert_array_equal(ours.indices, quantized.indices)
     np.testing.assert_allclose(recon, expected, rtol=1e-6, atol=1e-6)
@@ -205,7 +205,7 @@ def test_branches_are_independent():
     after = model.encode(x)
     for i in (0, 2):  # vis and sem_high: bit-identical
         np.testing.assert_array_equal(after.indices[..., i], before.indices[..., i])
-        np.testing.assert_array_equal(after.codes[..., i, :], before.codes[..., i, :])
+        np.testing.assert_array_equal(after.quantized[..., i, :], before.quantized[..., i, :])
     assert bool(jnp.any(after.indices[..., 1] != before.indices[..., 1]))
 
 
@@ -216,7 +216,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     assert model.encoder(x).dtype == jnp.bfloat16  # compute really is bf16
     assert model.encode_latents(x).dtype == jnp.float32  # the quantizer sees float32
     recon, quantized = model(x)
-    assert recon.dtype == jnp.float32 and quantized.codes.dtype == jnp.float32
+    assert recon.dtype == jnp.float32 and quantized.quantized.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(recon)))
 
 

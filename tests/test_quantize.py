@@ -1,4 +1,4 @@
-"""Tests for fqgan_jax.quantize: search, memory bounds, gradients, entropy, usage, sharding."""
+"""Tests for fqgan_jax.quantizers: search, memory bounds, gradients, entropy, usage, sharding."""
 
 import functools
 
@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fqgan_jax import quantize
+from fqgan_jax import quantizers
+from fqgan_jax.quantizers import search
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -72,7 +73,7 @@ def random_points(seed, num_rows, codebook_size, dim=8, unit=False):
 def jit_nearest(budget, normalized=False):
     return jax.jit(
         functools.partial(
-            quantize.nearest_code, normalized=normalized, memory_budget_bytes=budget
+            quantizers.nearest_code, normalized=normalized, memory_budget_bytes=budget
         )
     )
 
@@ -96,10 +97,10 @@ SEARCH_CASES = {
 @pytest.mark.parametrize("case", sorted(SEARCH_CASES))
 def test_blocking_plan_respects_budget_and_covers_everything(case):
     num_rows, codebook_size, budget = SEARCH_CASES[case]
-    plan = quantize._plan_blocks(num_rows, codebook_size, budget)
+    plan = search.plan_blocks(num_rows, codebook_size, budget)
     assert plan.num_row_blocks * plan.row_block >= num_rows
     assert plan.num_chunks * plan.chunk >= codebook_size
-    floor = 4 * min(codebook_size, quantize._MIN_CODE_CHUNK)
+    floor = 4 * min(codebook_size, search.MIN_CODE_CHUNK)
     assert plan.row_block * plan.chunk * 4 <= max(budget, floor)
     expected_blocking = {"direct": (1, 1), "budget_below_floor": (13, 3)}
     if case in expected_blocking:
@@ -136,7 +137,7 @@ def test_nearest_code_exact_with_ties_on_integer_data(case):
 def test_nearest_code_with_262k_codes(budget):
     # 64 chunks of 4096 codes; then 16 KiB forces 2 row blocks x 2048 chunks of 128 codes.
     z, codebook = random_points(2, 64, 262_144, unit=True)
-    plan = quantize._plan_blocks(64, 262_144, budget)
+    plan = search.plan_blocks(64, 262_144, budget)
     assert plan.num_chunks >= 64
     indices = jit_nearest(budget)(z, codebook)
     assert_same_code_or_tie(indices, z, codebook)
@@ -157,9 +158,9 @@ def test_normalized_search_agrees_on_unit_vectors(budget):
 
 def test_nearest_code_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same d"):
-        quantize.nearest_code(jnp.zeros((4, 8)), jnp.zeros((16, 4)))
+        quantizers.nearest_code(jnp.zeros((4, 8)), jnp.zeros((16, 4)))
     with pytest.raises(ValueError, match="vmap"):
-        quantize.nearest_code(jnp.zeros((2, 4, 8)), jnp.zeros((2, 16, 8)))
+        quantizers.nearest_code(jnp.zeros((2, 4, 8)), jnp.zeros((2, 16, 8)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,9 +176,9 @@ def compiled_temp_bytes(fn, *shapes):
 
 def test_nearest_code_262k_codes_16k_rows_fits_in_1_gib():
     num_rows, codebook_size, dim = 16_384, 262_144, 8
-    ours = compiled_temp_bytes(quantize.nearest_code, (num_rows, dim), (codebook_size, dim))
+    ours = compiled_temp_bytes(quantizers.nearest_code, (num_rows, dim), (codebook_size, dim))
     assert ours < 1 * GIB
-    assert ours <= quantize.DEFAULT_MEMORY_BUDGET_BYTES + 16 * MIB
+    assert ours <= quantizers.DEFAULT_MEMORY_BUDGET_BYTES + 16 * MIB
 
     # The same measurement sees the naive search's 16 GiB matrix, so it is not vacuous.
     def naive(z, codebook):
@@ -190,7 +191,7 @@ def test_nearest_code_262k_codes_16k_rows_fits_in_1_gib():
 def test_entropy_loss_gradient_stays_within_budget():
     # Full matrices would be 1 GiB each; forward + backward must stay near the 64 MiB budget.
     budget = 64 * MIB
-    loss = functools.partial(quantize.entropy_loss, memory_budget_bytes=budget)
+    loss = functools.partial(quantizers.entropy_loss, memory_budget_bytes=budget)
     grad_temp = compiled_temp_bytes(jax.grad(loss, argnums=(0, 1)), (4096, 8), (65_536, 8))
     assert grad_temp < 1.25 * budget
 
@@ -205,12 +206,12 @@ def test_straight_through_matches_stop_gradient_form():
     z, q, weights = (jnp.asarray(rng.normal(size=(5, 3)), jnp.float32) for _ in range(3))
 
     def via_custom_vjp(z, q):
-        return jnp.sum(weights * jnp.sin(quantize.straight_through(z, q)))
+        return jnp.sum(weights * jnp.sin(quantizers.straight_through(z, q)))
 
     def via_stop_gradient(z, q):
         return jnp.sum(weights * jnp.sin(z + jax.lax.stop_gradient(q - z)))
 
-    np.testing.assert_array_equal(quantize.straight_through(z, q), q)
+    np.testing.assert_array_equal(quantizers.straight_through(z, q), q)
     np.testing.assert_allclose(via_custom_vjp(z, q), via_stop_gradient(z, q), rtol=1e-6)
     grads = jax.grad(via_custom_vjp, argnums=(0, 1))(z, q)
     expected = jax.grad(via_stop_gradient, argnums=(0, 1))(z, q)
@@ -222,11 +223,11 @@ def test_straight_through_matches_stop_gradient_form():
 def test_straight_through_keeps_z_dtype_and_checks_shapes():
     z = jnp.ones((4,), jnp.bfloat16)
     q = jnp.full((4,), 2.0, jnp.float32)
-    grad_z = jax.grad(lambda z: jnp.sum(quantize.straight_through(z, q) * 3.0))(z)
+    grad_z = jax.grad(lambda z: jnp.sum(quantizers.straight_through(z, q) * 3.0))(z)
     assert grad_z.dtype == jnp.bfloat16
     np.testing.assert_array_equal(grad_z, np.full((4,), 3.0))
     with pytest.raises(ValueError, match="equal shapes"):
-        quantize.straight_through(jnp.ones((4,)), jnp.ones((1, 4)))
+        quantizers.straight_through(jnp.ones((4,)), jnp.ones((1, 4)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_entropy_loss_matches_direct_formula(case, unit):
     z, codebook = random_points(5, num_rows, codebook_size, unit=unit)
     if not unit:  # keep the softmax from being one-hot so every term matters
         z, codebook = 0.1 * z, 0.1 * codebook
-    chunked = functools.partial(quantize.entropy_loss, memory_budget_bytes=budget)
+    chunked = functools.partial(quantizers.entropy_loss, memory_budget_bytes=budget)
     value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(z, codebook)
     expected, expected_grads = jax.value_and_grad(reference_entropy_loss, argnums=(0, 1))(
         z, codebook
@@ -265,11 +266,11 @@ def test_entropy_loss_extremes():
     # All rows on one code: confident (sample entropy 0) but batch average collapsed -> ~0 loss.
     codebook = jnp.asarray(unit_rows(np.eye(8, dtype=np.float32)))
     collapsed = jnp.tile(codebook[:1], (16, 1))
-    assert abs(float(quantize.entropy_loss(collapsed, codebook))) < 1e-3
+    assert abs(float(quantizers.entropy_loss(collapsed, codebook))) < 1e-3
     # Each row on its own code: confident and uniform over 8 codes -> -log(8).
     spread = jnp.tile(codebook, (2, 1))
     for budget in (256 * MIB, 16):
-        loss = quantize.entropy_loss(spread, codebook, memory_budget_bytes=budget)
+        loss = quantizers.entropy_loss(spread, codebook, memory_budget_bytes=budget)
         np.testing.assert_allclose(loss, -np.log(8), rtol=1e-4)
 
 
@@ -280,23 +281,23 @@ def test_entropy_loss_extremes():
 
 def test_code_histogram_counts_per_sub_codebook():
     indices = jnp.array([[[0, 1], [0, 2], [3, 1]], [[0, 0], [2, 2], [3, 3]]])  # [2, 3, k=2]
-    counts = quantize.code_histogram(indices, 4)
+    counts = quantizers.code_histogram(indices, 4)
     assert counts.dtype == jnp.int32
     np.testing.assert_array_equal(counts, [[3, 0, 1, 2], [1, 2, 2, 1]])
     mask = jnp.array([[True, True, False], [True, False, False]])
-    masked = quantize.code_histogram(indices, 4, mask=mask)
+    masked = quantizers.code_histogram(indices, 4, mask=mask)
     np.testing.assert_array_equal(masked, [[3, 0, 0, 0], [1, 1, 1, 0]])
     # A mask over leading axes only (one flag per image) covers all of that image's tokens.
-    per_image = quantize.code_histogram(indices, 4, mask=jnp.array([False, True]))
+    per_image = quantizers.code_histogram(indices, 4, mask=jnp.array([False, True]))
     np.testing.assert_array_equal(per_image, [[1, 0, 1, 1], [1, 0, 1, 1]])
-    np.testing.assert_array_equal(quantize.code_histogram(indices, 3), [[3, 0, 1], [1, 2, 2]])
+    np.testing.assert_array_equal(quantizers.code_histogram(indices, 3), [[3, 0, 1], [1, 2, 2]])
     with pytest.raises(ValueError, match="mask shape"):
-        quantize.code_histogram(indices, 4, mask=jnp.ones((3,), bool))
+        quantizers.code_histogram(indices, 4, mask=jnp.ones((3,), bool))
 
 
 def test_usage_stats_on_hand_built_counts():
     counts = jnp.array([[2, 0, 0, 2], [4, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
-    stats = quantize.usage_stats(counts)
+    stats = quantizers.usage_stats(counts)
     np.testing.assert_allclose(stats["usage"], [0.5, 0.25, 1.0, 0.0])
     np.testing.assert_allclose(stats["perplexity"], [2.0, 1.0, 4.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(stats["top_code_share"], [0.5, 1.0, 0.25, 0.0])
@@ -309,7 +310,7 @@ def test_usage_stats_on_hand_built_counts():
 
 
 def make_quantizer(num_codebooks=2, codebook_size=64, code_dim=8, seed=0, **kwargs):
-    return quantize.FactorizedQuantizer(
+    return quantizers.FactorizedQuantizer(
         num_codebooks=num_codebooks, codebook_size=codebook_size, code_dim=code_dim,
         rngs=nnx.Rngs(seed), **kwargs,
     )
@@ -340,10 +341,10 @@ def test_quantizer_init_and_lookup():
 
     z = random_latents(6, (2, 5, 3, 4)).astype(jnp.bfloat16)
     out = quantizer(z)
-    assert out.codes.shape == (2, 5, 3, 4) and out.codes.dtype == jnp.float32
+    assert out.quantized.shape == (2, 5, 3, 4) and out.quantized.dtype == jnp.float32
     assert out.indices.shape == (2, 5, 3) and out.indices.dtype == jnp.int32
-    np.testing.assert_array_equal(quantizer.lookup(out.indices), out.codes)
-    assert float(out.entropy_loss) == 0.0
+    np.testing.assert_array_equal(quantizer.lookup(out.indices), out.quantized)
+    assert float(out.losses["entropy"]) == 0.0
     with pytest.raises(ValueError, match="expects z"):
         quantizer(jnp.zeros((2, 5, 2, 4)))
 
@@ -358,9 +359,9 @@ def test_decoder_gradient_passes_straight_through_and_skips_codebook():
 
     graphdef, params = nnx.split(quantizer)
     param_grads, z_grad = jax.grad(
-        lambda params, z: decoder_loss(nnx.merge(graphdef, params)(z).codes), argnums=(0, 1)
+        lambda params, z: decoder_loss(nnx.merge(graphdef, params)(z).quantized), argnums=(0, 1)
     )(params, z)
-    codes = quantizer(z).codes
+    codes = quantizer(z).quantized
     np.testing.assert_allclose(z_grad, jax.grad(decoder_loss)(codes), rtol=1e-6)
     np.testing.assert_array_equal(param_grads["codebook"][...], 0.0)
 
@@ -370,24 +371,23 @@ def test_decoder_gradient_through_l2_normalization():
     z = random_latents(9, (6, 2, 8))
     weights = random_latents(10, (6, 2, 8))
     codebook_grad, z_grad = grads_wrt_codebook_and_z(
-        quantizer, lambda out: jnp.sum(weights * out.codes), z
+        quantizer, lambda out: jnp.sum(weights * out.quantized), z
     )
     # dL/dcodes = weights flows unchanged to the normalized z, then through the normalization.
-    _, normalize_vjp = jax.vjp(quantize.l2_normalized, z)
+    _, normalize_vjp = jax.vjp(quantizers.l2_normalized, z)
     np.testing.assert_allclose(z_grad, normalize_vjp(weights)[0], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(codebook_grad, 0.0)
 
 
 @pytest.mark.parametrize(
     "loss_name, codebook_moves, z_moves",
-    [("codebook_loss", True, False), ("commitment_loss", False, True),
-     ("entropy_loss", True, True)],
+    [("codebook", True, False), ("commitment", False, True), ("entropy", True, True)],
 )
 def test_each_loss_trains_only_what_it_should(loss_name, codebook_moves, z_moves):
     quantizer = make_quantizer()
     z = random_latents(11, (4, 4, 2, 8))
     codebook_grad, z_grad = grads_wrt_codebook_and_z(
-        quantizer, lambda out: getattr(out, loss_name), z
+        quantizer, lambda out: out.losses[loss_name], z
     )
     assert bool(jnp.any(codebook_grad != 0)) == codebook_moves
     assert bool(jnp.any(z_grad != 0)) == z_moves
@@ -416,8 +416,8 @@ def test_single_codebook_equals_plain_vector_quantizer():
     def ours(codebook_param, z):
         params_with_codebook = jax.tree.map(lambda _: codebook_param[None], params)
         out = nnx.merge(graphdef, params_with_codebook)(z, with_entropy=True)
-        total = jnp.sum(weights * out.codes.reshape(32, 8)) + out.codebook_loss
-        return total + 0.25 * out.commitment_loss + out.entropy_loss, out
+        total = jnp.sum(weights * out.quantized.reshape(32, 8)) + out.losses["codebook"]
+        return total + 0.25 * out.losses["commitment"] + out.losses["entropy"], out
 
     def plain(codebook_param, z):
         codes, indices, codebook_loss, commitment_loss, entropy = plain_vector_quantizer(
@@ -433,8 +433,9 @@ def test_single_codebook_equals_plain_vector_quantizer():
         jax.value_and_grad(plain, argnums=(0, 1), has_aux=True)
     )(codebook, z)
     np.testing.assert_array_equal(out.indices.reshape(32), expected[1])
-    np.testing.assert_allclose(out.codes.reshape(32, 8), expected[0], rtol=1e-6, atol=1e-7)
-    for ours_loss, plain_loss in zip(out[2:], expected[2:]):
+    np.testing.assert_allclose(out.quantized.reshape(32, 8), expected[0], rtol=1e-6, atol=1e-7)
+    ours_losses = [out.losses[name] for name in ("codebook", "commitment", "entropy")]
+    for ours_loss, plain_loss in zip(ours_losses, expected[2:], strict=True):
         np.testing.assert_allclose(ours_loss, plain_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(total, expected_total, rtol=1e-5)
     for grad, expected_grad in zip(grads, expected_grads):
@@ -445,15 +446,17 @@ def test_vmapped_search_equals_loop_over_sub_codebooks():
     # A 2 KiB budget (/3 per sub-codebook) sends each vmapped search down the chunked path.
     quantizer = make_quantizer(num_codebooks=3, codebook_size=300, memory_budget_bytes=2 * KIB)
     z = random_latents(14, (40, 3, 8))
-    out = jax.jit(lambda z: tuple(quantizer(z, with_entropy=True)))(z)
-    z_unit = quantize.l2_normalized(z)
-    codebook = quantize.l2_normalized(quantizer.codebook[...])
+    out = jax.jit(lambda z: quantizer(z, with_entropy=True))(z)
+    out = (out.quantized, out.indices, out.losses["codebook"], out.losses["commitment"],
+           out.losses["entropy"])
+    z_unit = quantizers.l2_normalized(z)
+    codebook = quantizers.l2_normalized(quantizer.codebook[...])
     indices, codebook_losses, entropies = [], [], []
     for j in range(3):
-        idx = quantize.nearest_code(z_unit[:, j], codebook[j], normalized=True)
+        idx = quantizers.nearest_code(z_unit[:, j], codebook[j], normalized=True)
         indices.append(idx)
         codebook_losses.append(jnp.mean((codebook[j][idx] - z_unit[:, j]) ** 2))
-        entropies.append(quantize.entropy_loss(z_unit[:, j], codebook[j]))
+        entropies.append(quantizers.entropy_loss(z_unit[:, j], codebook[j]))
     np.testing.assert_array_equal(out[1], jnp.stack(indices, axis=1))
     # Values equal up to the last ulp: jit may fuse the normalization differently from eager mode.
     np.testing.assert_allclose(out[0], codebook[jnp.arange(3), out[1]], rtol=1e-6, atol=1e-7)
@@ -474,8 +477,8 @@ def test_sharded_quantizer_equals_single_device(budget):
     def step(params, z):
         def loss(params, z):
             out = nnx.merge(graphdef, params)(z, with_entropy=True)
-            total = jnp.sum(out.codes**2) + out.codebook_loss + out.commitment_loss
-            return total + out.entropy_loss, out
+            total = jnp.sum(out.quantized**2) + out.losses["codebook"] + out.losses["commitment"]
+            return total + out.losses["entropy"], out
 
         (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, z)
         return out, grads

@@ -11,17 +11,18 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from fqgan_jax import checkpointing, config_lib, sharding, train
-
 from conftest import REPO
+
+from fqgan_jax import config_lib, sharding
+from fqgan_jax.training import loop
+from fqgan_jax.training import train_state as ts
 
 
 def _final(workdir, config):
     """The trained values of a run: tokenizer and discriminator params, D's BatchNorm
     statistics and both optimizer states."""
     mesh = sharding.make_mesh(config.mesh)
-    state = checkpointing.restore_latest_state(str(workdir), config, mesh)
+    state = ts.restore_state(str(workdir), config, mesh)
     assert state.disc is not None
     trained = (state.params.to_pure_dict(), state.opt_state, state.disc.params.to_pure_dict(),
                state.disc.batch_stats.to_pure_dict(), state.disc.opt_state)
@@ -46,8 +47,8 @@ def test_resume_in_process_is_exact(trained_workdir, tmp_path):
     parts = tmp_path / "parts"
     first = config()
     first.train.num_steps = 2
-    train.train_and_evaluate(first, str(parts))
-    resumed_eval = train.train_and_evaluate(config(), str(parts))
+    loop.train_and_evaluate(first, str(parts))
+    resumed_eval = loop.train_and_evaluate(config(), str(parts))
     assert resumed_eval == full_eval
     (params_full, step_full), (params_parts, step_parts) = (
         _final(full, config()), _final(parts, config()))

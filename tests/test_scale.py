@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, make_step, make_tiny_config
 from jax.sharding import PartitionSpec as P
 
-from fqgan_jax import checkpointing, codebook_sharding, config_lib, frozen_nets, quantize, sharding
-from fqgan_jax import train_state as ts
-
-from conftest import REPO, make_step, make_tiny_config
+from fqgan_jax import architecture, checkpointing, config_lib, quantizers, sharding
+from fqgan_jax.frozen import networks
+from fqgan_jax.quantizers import search
+from fqgan_jax.training import train_state as ts
 
 
 def _config(shard_codebook=False):
@@ -54,12 +55,11 @@ def _steps(shape, num_steps=1, state=None, shard_codebook=None):
     shardings = jax.tree.map(lambda x: x.sharding, fresh)
     # A copy: the step donates its input, and callers keep using theirs.
     state = jax.device_put(fresh if state is None else state, shardings, may_alias=False)
-    with jax.set_mesh(mesh):  # as train.py: the sharded codebook search finds the mesh
-        for _ in range(num_steps):
-            step = int(state.step)
-            batch = sharding.to_global_batch(_batch(config, seed=step),
-                                             sharding.batch_sharding(mesh))
-            state, metrics = step_fn.at(step)(state, batch, {})
+    for _ in range(num_steps):  # the step's programs carry their mesh (build_run)
+        step = int(state.step)
+        batch = sharding.to_global_batch(_batch(config, seed=step),
+                                         sharding.batch_sharding(mesh))
+        state, metrics = step_fn.at(step)(state, batch, {})
     return state, jax.device_get(metrics), mesh
 
 
@@ -134,7 +134,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, reference, save_shape, 
     config = _config()
     config.mesh.shape = load_shape
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(load_shape))])
-    restored = checkpointing.restore_latest_state(str(tmp_path), config, mesh)
+    restored = ts.restore_state(str(tmp_path), config, mesh)
     expected = sharding.state_shardings(ts.abstract_state(config, ts.make_components(config)),
                                         mesh, config.mesh)  # the new mesh's FSDP layout
     assert all(jax.tree.leaves(jax.tree.map(
@@ -163,15 +163,15 @@ def test_sharded_codebook_search_equals_unsharded_at_65536_codes():
     codebook[50_000] = codebook[7]  # an exact tie across shards 0 and 3: the lower index wins
     z[:4] = codebook[7]
     budget = 2**20  # 1 MiB blocks: the per-shard search is chunked too
-    ours = np.asarray(jax.jit(lambda z, c: codebook_sharding.sharded_nearest_code(
+    ours = np.asarray(jax.jit(lambda z, c: search.sharded_nearest_code(
         z, c, normalized=True, memory_budget_bytes=budget, mesh=mesh))(
         jax.device_put(z, jax.NamedSharding(mesh, P(("data", "fsdp"), None))),
         jax.device_put(codebook, jax.NamedSharding(mesh, P("fsdp", None)))))
-    theirs = quantize.nearest_code(z, codebook, normalized=True, memory_budget_bytes=budget)
+    theirs = quantizers.nearest_code(z, codebook, normalized=True, memory_budget_bytes=budget)
     np.testing.assert_array_equal(ours, theirs)
     assert list(ours[:4]) == [7] * 4
     with pytest.raises(ValueError, match="K = 65534 must divide"):
-        codebook_sharding.sharded_nearest_code(z, codebook[:-2], mesh=mesh)
+        search.sharded_nearest_code(z, codebook[:-2], mesh=mesh)
 
 
 def test_sharded_quantizer_has_the_same_outputs_and_gradients():
@@ -183,14 +183,14 @@ def test_sharded_quantizer_has_the_same_outputs_and_gradients():
     def run(shard_axis):
         from flax import nnx  # noqa: PLC0415
 
-        quantizer = quantize.FactorizedQuantizer(num_codebooks=2, codebook_size=1024, code_dim=8,
+        quantizer = quantizers.FactorizedQuantizer(num_codebooks=2, codebook_size=1024, code_dim=8,
                                                  shard_axis=shard_axis, rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(quantizer)
 
         def loss(params, z):
             out = nnx.merge(graphdef, params)(z, with_entropy=True)
-            total = (out.codebook_loss + out.commitment_loss + out.entropy_loss
-                     + jnp.sum(out.codes ** 2))
+            total = (out.losses["codebook"] + out.losses["commitment"] + out.losses["entropy"]
+                     + jnp.sum(out.quantized ** 2))
             return total, out.indices
 
         with jax.set_mesh(mesh):
@@ -216,7 +216,7 @@ def test_remat_recomputes_blocks_with_the_same_gradients():
 
     def jaxpr(remat):
         config = make_tiny_config(**{"model.remat": remat})
-        graphdef, params, rest = nnx.split(ts.create_model(config, nnx.Rngs(0)), nnx.Param, ...)
+        graphdef, params, rest = nnx.split(architecture.create_model(config, nnx.Rngs(0)), nnx.Param, ...)
         images = jnp.zeros((1, 32, 32, 3))
         loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(images)[0])  # noqa: E731
         return str(jax.make_jaxpr(jax.grad(loss))(params))
@@ -258,7 +258,7 @@ def test_train_step_at_262144_codes_with_the_codebook_split_8_ways():
     config.loss.perceptual_weight = 0.0
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
     config.mesh.shape = (1, 8)
-    frozen = frozen_nets.load(config, sharding.make_mesh(config.mesh))  # the random tiny teacher
+    frozen = networks.load(config, sharding.make_mesh(config.mesh))  # the random tiny teacher
     state, step_fn, mesh = make_step(config, frozen=frozen, shape=(1, 8))
     rows = [x for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
             if "codebook" in jax.tree_util.keystr(path)]
@@ -267,10 +267,9 @@ def test_train_step_at_262144_codes_with_the_codebook_split_8_ways():
         assert array.sharding.spec == P(None, "fsdp", None)
         assert {shard.data.shape for shard in array.addressable_shards} == {
             (2, codebook_size // 8, 8)}
-    with jax.set_mesh(mesh):
-        batch = sharding.to_global_batch(_batch(config), sharding.batch_sharding(mesh))
-        state, metrics = step_fn.at(0)(state, batch, frozen)
-        metrics = jax.device_get(metrics)
+    batch = sharding.to_global_batch(_batch(config), sharding.batch_sharding(mesh))
+    state, metrics = step_fn.at(0)(state, batch, frozen)
+    metrics = jax.device_get(metrics)
     assert int(state.step) == 1 and not metrics["skipped"]
     assert np.isfinite(metrics["loss"]) and metrics["loss/entropy"] != 0
     # 16 images x 8 x 8 tokens: at most 1,024 codes of each sub-codebook were used.

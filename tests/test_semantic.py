@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-
-from fqgan_jax import (checkpointing, config_lib, frozen_nets, losses, pretrained, sharding,
-                       teachers, train, train_step)
-from fqgan_jax import train_state as ts
-from fqgan_jax.models import clip_vision
-
-from fqgan_jax.train_step import compile_train_step
 from torch_reference import import_torchvision
+
+from fqgan_jax import architecture, checkpointing, config_lib, sharding
+from fqgan_jax.data import pixels
+from fqgan_jax.frozen import clip_vision, networks, teachers, weights
+from fqgan_jax.objectives import infonce
+from fqgan_jax.training import loop, train_step
+from fqgan_jax.training import train_state as ts
+from fqgan_jax.training.train_step import PhasedTrainStep
 
 ONLY_INFONCE = {"loss.reconstruction_weight": 0.0, "loss.codebook_weight": 0.0,
                 "loss.entropy_weight": 0.0, "loss.disentangle_weight": 0.0, "gan.weight": 0.0}
@@ -43,10 +44,10 @@ def test_infonce_trains_the_semantic_branch_and_never_the_teacher(tiny_config):
     4 images are the negatives (the official per-GPU loss), not all 8."""
     config = _semantic(tiny_config, **ONLY_INFONCE)
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
-    frozen = frozen_nets.load(config, mesh)
+    frozen = networks.load(config, mesh)
     components = ts.make_components(config)
     state = ts.initial_state(config, components, jax.random.key(0))
-    images = train_step.images_to_float(jnp.asarray(_images()))
+    images = pixels.images_to_float(jnp.asarray(_images()))
 
     def objective(params, teacher_params):
         frozen_ = {**frozen, "teachers": teacher_params}
@@ -58,11 +59,11 @@ def test_infonce_trains_the_semantic_branch_and_never_the_teacher(tiny_config):
 
     @jax.jit
     def run(params, teacher_params):
-        model = ts.merge_model(components.graphdef, params, state.model_state)
-        predicted = model.predict_teacher_features(model.encode(images).codes)["sem"]
+        model = architecture.merge_model(components.graphdef, params, state.model_state)
+        predicted = model.predict_teacher_features(model.encode(images).quantized)["sem"]
         target = train_step.teacher_features(images, frozen, components=components,
                                              config=config)["sem"]
-        by_hand = [losses.info_nce_loss(predicted, target, num_groups=g) for g in (2, 1)]
+        by_hand = [infonce.info_nce_loss(predicted, target, num_groups=g) for g in (2, 1)]
         return jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
             params, teacher_params), by_hand
 
@@ -89,8 +90,7 @@ def test_the_step_takes_its_shards_from_the_mesh(tiny_config):
     for devices in (1, 2, 8):
         mesh = sharding.make_mesh(config_lib.ml_collections.ConfigDict(
             dict(shape=(devices,), axes=("data",))), jax.devices()[:devices])
-        step = compile_train_step(config, components, None, None,
-                                  sharding.batch_sharding(mesh), sharding.replicated(mesh))
+        step = PhasedTrainStep(config, components, mesh, None, None)
         assert step.num_shards == devices
 
 
@@ -125,8 +125,8 @@ def test_missing_teacher_weights_stop_setup_before_any_write(tiny_config, tmp_pa
     config = _semantic(tiny_config)
     config.teachers.sem = config_lib.teacher("clip_vit_l14", str(tmp_path / "no_such_dir"))
     workdir = tmp_path / "workdir"
-    with pytest.raises(pretrained.PretrainedError) as error:
-        train.setup(config, str(workdir))
+    with pytest.raises(weights.PretrainedError) as error:
+        loop.setup(config, str(workdir))
     message = str(error.value)
     for needle in ("Branch 'sem' is taught by clip_vit_l14", "no_such_dir does not exist",
                    "huggingface-cli download openai/clip-vit-large-patch14",
@@ -178,13 +178,13 @@ def test_teacher_weights_load_from_a_snapshot(tiny_config, tmp_path, clip_test_k
     config = _semantic(tiny_config)
     config.teachers.sem = config_lib.teacher(clip_test_kind, str(tmp_path / "clip"))
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
-    frozen = frozen_nets.load(frozen_nets.resolve(config), mesh)
+    frozen = networks.load(networks.resolve(config), mesh)
     expected = nnx.state(clip_vision.load_clip_vision(str(tmp_path / "clip")), nnx.Param)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen["teachers"]["sem"]),
                  jax.device_get(expected))
     # The kind's graphdef (what the step merges with) takes the loaded params as they are.
     graphdef = ts.make_components(config).teacher_graphdefs["sem"]
-    x = train_step.images_to_float(jnp.asarray(_images(2)))
+    x = pixels.images_to_float(jnp.asarray(_images(2)))
     cls = teachers.cls_features(graphdef, frozen["teachers"]["sem"], clip_test_kind, x)
     np.testing.assert_allclose(
         cls, clip_vision.load_clip_vision(str(tmp_path / "clip"))(
@@ -193,7 +193,7 @@ def test_teacher_weights_load_from_a_snapshot(tiny_config, tmp_path, clip_test_k
 
 def test_a_snapshot_of_another_architecture_is_refused(tmp_path, clip_test_kind):
     _tiny_hf_clip(tmp_path / "clip", num_layers=2)
-    with pytest.raises(pretrained.PretrainedError, match=r"num_layers 2 \(expected 1\)"):
+    with pytest.raises(weights.PretrainedError, match=r"num_layers 2 \(expected 1\)"):
         teachers.load_teacher(clip_test_kind, str(tmp_path / "clip"))
 
 
@@ -211,6 +211,6 @@ def test_sharded_frozen_weights_give_the_same_features():
     split = jax.device_put(params, jax.tree.map(
         lambda x: sharding.frozen_sharding(x, mesh, True, min_size=0), params))
     assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(split))
-    x = train_step.images_to_float(jnp.asarray(_images(8)))
+    x = pixels.images_to_float(jnp.asarray(_images(8)))
     features = jax.jit(lambda p, images: teachers.cls_features(graphdef, p, "clip_tiny", images))
     np.testing.assert_allclose(features(split, x), features(params, x), rtol=1e-5, atol=1e-6)

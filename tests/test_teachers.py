@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from fqgan_jax import pretrained, teachers
-
 from torch_reference import import_torchvision
+
+from fqgan_jax.frozen import teachers, weights
 
 
 def test_widths_of_the_papers_teachers():
@@ -38,5 +37,5 @@ def test_a_file_of_another_width_is_refused(tmp_path):
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, image_size=32, patch_size=16)
                     ).save_pretrained(tmp_path, safe_serialization=True)
-    with pytest.raises(pretrained.PretrainedError, match="width 32.*clip_vit_b16.*width 768"):
+    with pytest.raises(weights.PretrainedError, match="width 32.*clip_vit_b16.*width 768"):
         teachers.load_teacher("clip_vit_b16", str(tmp_path))

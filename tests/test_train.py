@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_step
 from PIL import Image
 
-from fqgan_jax import checkpointing, sharding, train
-from fqgan_jax import train_state as ts
-
-from conftest import make_step
+from fqgan_jax import quantizers, sharding
+from fqgan_jax.training import loop
+from fqgan_jax.training import train_state as ts
 
 
 def _batch(config, seed=0):
@@ -41,13 +41,16 @@ def test_nonfinite_batch_skips_the_update(tiny_config):
 
 
 def test_running_usage_reaches_one_when_every_code_is_used():
-    from fqgan_jax.train_step import codebook_health
+    from fqgan_jax.training.train_step import codebook_health
     indices = jnp.arange(64).reshape(4, 4, 4, 1) % 16
     last_seen = jnp.full((1, 16), ts.NEVER_SEEN, jnp.int32)
-    seen, metrics = codebook_health(indices, last_seen, jnp.int32(5), 16, 10)
+    stats = quantizers.health_stats(indices, 16)
+    seen, metrics = codebook_health(indices, stats, last_seen, jnp.int32(5), 10)
     assert float(metrics["codebook/0/running_usage"]) == 1.0
     np.testing.assert_allclose(metrics["codebook/0/perplexity"], 16.0, rtol=1e-5)
-    _, later = codebook_health(jnp.zeros((1, 1, 1, 1), jnp.int32), seen, jnp.int32(20), 16, 10)
+    zeros = jnp.zeros((1, 1, 1, 1), jnp.int32)
+    _, later = codebook_health(zeros, quantizers.health_stats(zeros, 16), seen, jnp.int32(20),
+                               10)
     assert float(later["codebook/0/running_usage"]) == 1 / 16
 
 
@@ -66,7 +69,7 @@ def test_train_and_evaluate_writes_everything(trained_workdir):
     assert result["step"] == 4
     assert (workdir / "images" / "2.png").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
-    # The jax.profiler trace of step 2 (train.profile_steps=1, profile_first_step=2).
+    # The jax.profiler trace of step 2 (loop.profile_steps=1, profile_first_step=2).
     traces = [f for _, _, files in os.walk(workdir / "profile") for f in files]
     assert any(f.endswith(".xplane.pb") for f in traces), traces
     assert (workdir / "config.json").exists()
@@ -76,10 +79,10 @@ def test_nonfinite_run_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pat
     config = tiny_config()
     config.optimizer.learning_rate = float("nan")
     config.train.update(dict(num_steps=20, checkpoint_every=1, max_nonfinite_steps=3))
-    with pytest.raises(train.NonFiniteError, match="3 consecutive steps"):
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(loop.NonFiniteError, match="3 consecutive steps"):
+        loop.train_and_evaluate(config, str(tmp_path))
     mesh = sharding.make_mesh(config.mesh)
-    state = checkpointing.restore_latest_state(str(tmp_path), config, mesh)
+    state = ts.restore_state(str(tmp_path), config, mesh)
     assert int(state.step) < 3
     leaves = jax.tree.leaves(jax.device_get(state.params.to_pure_dict()))
     assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
@@ -90,7 +93,7 @@ def test_data_counters_add_the_hosts_counts_to_the_restored_totals(monkeypatch):
     totals are the restored ones plus every host's (one process here, a second one faked)."""
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    counters = train.DataCounters({"num_skipped_images": 5, "num_converted_images": 1,
+    counters = loop.DataCounters({"num_skipped_images": 5, "num_converted_images": 1,
                                    "data": {"global_next_index": 64}})
     for skipped, converted in (([0, 2, 0, 1], [1, 0, 0, 0]), ([0, 0, 0, 0], [0, 1, 1, 0])):
         counters.add({"num_skipped": np.array(skipped), "num_converted": np.array(converted)})

@@ -23,14 +23,19 @@ that position's randomness. Each element counts the bad records it stood in for
 import math
 from typing import Iterator
 
-from absl import logging
 import grain
 import numpy as np
+from absl import logging
 from PIL import ImageFile
 
 from fqgan_jax.data import sources
-from fqgan_jax.data.transforms import BadImage, BadRecord, EvalTransform, TrainAugment
-from fqgan_jax.data.transforms import decode_record
+from fqgan_jax.data.transforms import (
+    BadImage,
+    BadRecord,
+    EvalTransform,
+    TrainAugment,
+    decode_record,
+)
 
 # A stream with nothing but bad records would otherwise search for a good one forever.
 MAX_CONSECUTIVE_BAD_RECORDS = 1000

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fqgan_jax.models.adapter import FactorizedAdapter
-from fqgan_jax.models.layers import (ResolutionLevel, apply_mid, conv2d, group_norm, mid_block,
-                                     swish)
+from fqgan_jax.models.layers import ResolutionLevel, apply_mid, conv2d, group_norm, mid_block, swish
 
 
 class Encoder(nnx.Module):

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from fqgan_jax import sharding
 from fqgan_jax.models.decoder import Decoder
 from fqgan_jax.models.encoder import Encoder, EncoderBranch
 from fqgan_jax.models.feat_pred_head import FeatPredHead
 from fqgan_jax.models.layers import conv2d
-from fqgan_jax.quantize import FactorizedQuantizer, QuantizerOutput
+from fqgan_jax.quantizers import FactorizedQuantizer, QuantizerOutput
 
 
 class Tokenizer(nnx.Module):
@@ -57,7 +58,7 @@ class Tokenizer(nnx.Module):
             code_dim=code_dim, l2_normalize=l2_normalize,
             entropy_temperature=entropy_temperature,
             memory_budget_bytes=int(search_memory_mb * 2**20),
-            shard_axis="fsdp" if shard_codebook else None, rngs=rngs)
+            shard_axis=sharding.FSDP_AXIS if shard_codebook else None, rngs=rngs)
         self.post_quant_conv = conv2d(len(self.branch_names) * code_dim, z_channels, 1,
                                       dtype=dtype, rngs=rngs)
         self.decoder = Decoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
@@ -144,7 +145,7 @@ class Tokenizer(nnx.Module):
         with dropout > 0; without it the forward pass is deterministic (evaluation).
         """
         quantized = self.encode(images, with_entropy=with_entropy, rngs=rngs)
-        return self.decode_codes(quantized.codes, rngs=rngs), quantized
+        return self.decode_codes(quantized.quantized, rngs=rngs), quantized
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Converts official PyTorch weights into fqgan_jax weights files (format: fqgan_jax.pretrained).
+"""Converts official PyTorch weights into fqgan_jax weights files (format: fqgan_jax.frozen.weights).
 
     python -m fqgan_jax.tools.convert lpips --vgg16=vgg16-397923af.pth [--lin=vgg.pth] [--out=PATH]
     python -m fqgan_jax.tools.convert inception --pth=pt_inception-2015-12-05-6726825d.pth \
@@ -16,7 +16,7 @@ pt_inception-2015-12-05-6726825d.pth), not torchvision's ImageNet inception_v3, 
 converter recognises and refuses. --out defaults to fid_inception_v3.npz in the same directory.
 
 Only this conversion needs torch; training and evaluation read the .npz alone. The CLIP and
-DINOv2 teachers need no conversion: they load from Hugging Face snapshots (fqgan_jax/teachers.py).
+DINOv2 teachers need no conversion: they load from Hugging Face snapshots (fqgan_jax/frozen/teachers.py).
 """
 
 from __future__ import annotations
@@ -27,38 +27,11 @@ import os
 import sys
 
 import jax
-import numpy as np
 from flax import nnx
 
-from fqgan_jax import pretrained
-from fqgan_jax.models import inception, lpips
+from fqgan_jax.frozen import inception, lpips, weights
 
 EXIT_USER_ERROR = 2  # as argparse's own usage errors
-
-
-def read_torch_state_dict(path: str, flag: str) -> dict[str, np.ndarray]:
-    """A .pth state dict as float32 numpy arrays; a {"state_dict": ...} wrapper is unwrapped."""
-    path = os.path.expanduser(path)  # `--vgg16=~/x.pth`: the shell leaves that ~ alone
-    if not os.path.isfile(path):
-        raise pretrained.PretrainedError(f"{flag}: {path} does not exist.")
-    try:
-        import torch  # noqa: PLC0415 (only this conversion needs torch)
-    except ImportError as error:
-        raise pretrained.PretrainedError(
-            "reading PyTorch .pth files needs torch (only for this conversion): "
-            "pip install torch") from error
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 (torch raises many kinds for a bad file)
-        raise pretrained.PretrainedError(
-            f"{flag}: torch.load cannot read {path} ({type(error).__name__}); is it a .pth "
-            "state dict of tensors?") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise pretrained.PretrainedError(
-            f"{flag}: {path} holds a {type(state).__name__}, not a state dict of tensors.")
-    return {key: value.detach().to(torch.float32).numpy() for key, value in state.items()}
 
 
 def packaged_lpips_heads() -> str:
@@ -66,29 +39,31 @@ def packaged_lpips_heads() -> str:
     import pulls in torchvision, whose C extension may not load beside this torch)."""
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
-        raise pretrained.PretrainedError(
+        raise weights.PretrainedError(
             "--lin not given and the lpips package is not installed: pip install lpips==0.1.4, "
             "or pass --lin=PATH to its weights/v0.1/vgg.pth.")
     return os.path.join(spec.submodule_search_locations[0], "weights", "v0.1", "vgg.pth")
 
 
 def convert_lpips(args: argparse.Namespace) -> None:
-    vgg_state = read_torch_state_dict(args.vgg16, "--vgg16")
+    vgg_state = weights.read_torch_state_dict(args.vgg16, flag="--vgg16")
     has_heads = any(key.startswith("lin") for key in vgg_state)
     if args.lin is None and has_heads:
         lin_state = vgg_state  # an lpips.LPIPS state dict: its own heads
     else:
         if args.lin is not None and has_heads:
             print(f"Using the heads of --lin={args.lin}, not those in --vgg16.")
-        lin_state = read_torch_state_dict(args.lin or packaged_lpips_heads(), "--lin")
+        lin_state = weights.read_torch_state_dict(args.lin or packaged_lpips_heads(),
+                                                   flag="--lin")
     params = lpips.convert_torch_state_dict(vgg_state, lin_state)
-    save_weights(params, args.out or pretrained.default_path(lpips.WEIGHTS_FILENAME),
+    save_weights(params, args.out or weights.default_path(lpips.WEIGHTS_FILENAME),
                  kind=lpips.WEIGHTS_KIND)
 
 
 def convert_inception(args: argparse.Namespace) -> None:
-    params = inception.convert_torch_state_dict(read_torch_state_dict(args.pth, "--pth"))
-    save_weights(params, args.out or pretrained.default_path(inception.WEIGHTS_FILENAME),
+    params = inception.convert_torch_state_dict(
+        weights.read_torch_state_dict(args.pth, flag="--pth"), source="The --pth file")
+    save_weights(params, args.out or weights.default_path(inception.WEIGHTS_FILENAME),
                  kind=inception.WEIGHTS_KIND)
 
 
@@ -96,9 +71,9 @@ def save_weights(params: nnx.State, out: str, *, kind: str) -> None:
     """Writes `params` to `out` (the --out value, or its default) and prints a summary line."""
     out = os.path.expanduser(out)
     try:
-        pretrained.save(out, params, kind=kind)
+        weights.save(out, params, kind=kind)
     except OSError as error:
-        raise pretrained.PretrainedError(f"--out: cannot write {out} ({error}).") from error
+        raise weights.PretrainedError(f"--out: cannot write {out} ({error}).") from error
     leaves = jax.tree.leaves(nnx.to_pure_dict(params))
     print(f"Wrote {out}: {kind}, {len(leaves)} arrays, "
           f"{sum(leaf.size for leaf in leaves):,} parameters, "
@@ -116,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     lpips_parser.add_argument("--lin", default=None,
                               help="LPIPS heads (default: the lpips package's v0.1/vgg.pth)")
     lpips_parser.add_argument("--out", default=None, help=(
-        f"output .npz (default: {pretrained.default_path(lpips.WEIGHTS_FILENAME)})"))
+        f"output .npz (default: {weights.default_path(lpips.WEIGHTS_FILENAME)})"))
     lpips_parser.set_defaults(run=convert_lpips)
     inception_parser = commands.add_parser(
         "inception", help="the FID InceptionV3 (TF's inception-2015-12-05, for FID and IS)")
     inception_parser.add_argument("--pth", required=True,
                                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     inception_parser.add_argument("--out", default=None, help=(
-        f"output .npz (default: {pretrained.default_path(inception.WEIGHTS_FILENAME)})"))
+        f"output .npz (default: {weights.default_path(inception.WEIGHTS_FILENAME)})"))
     inception_parser.set_defaults(run=convert_inception)
     return parser
 
@@ -133,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except pretrained.PretrainedError as error:
+    except weights.PretrainedError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

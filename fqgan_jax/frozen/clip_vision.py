@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fqgan_jax import hf_checkpoint, pretrained
+from fqgan_jax.frozen import weights
+from fqgan_jax.frozen.preprocess import normalize, resize_nearest_like_torch
 from fqgan_jax.models.adapter import linear
 from fqgan_jax.models.layers import dot_product_attention
-from fqgan_jax.models.teacher_preprocess import normalize, resize_nearest_like_torch
 
 # OpenAI CLIP's image normalization (spec fqgan.md §3.1).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -235,8 +235,8 @@ def sizes_from_hf_config(config: dict) -> dict:
     return dict(
         hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
         num_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
-        patch_size=hf_checkpoint.square_size(config, "patch_size"),
-        image_size=hf_checkpoint.square_size(config, "image_size"),
+        patch_size=weights.square_size(config, "patch_size"),
+        image_size=weights.square_size(config, "image_size"),
         hidden_act=config["hidden_act"], layer_norm_eps=config["layer_norm_eps"],
         num_channels=config["num_channels"])
 
@@ -304,8 +304,8 @@ def from_hf_state_dict(state: dict[str, np.ndarray], abstract: nnx.State) -> nnx
     has no parameter here is an error too (a deeper or differently built tower). All problems
     are reported at once, as one PretrainedError naming the keys.
     """
-    return hf_checkpoint.fill_params(state, abstract, key_to_path=official_key_to_path,
-                                     path_to_key=_official_key, what="CLIP vision tower")
+    return weights.fill_params(state, abstract, key_to_path=official_key_to_path,
+                               path_to_key=_official_key, what="CLIP vision tower")
 
 
 def load_clip_vision(path: str, *, dtype="float32") -> CLIPVision:
@@ -313,12 +313,12 @@ def load_clip_vision(path: str, *, dtype="float32") -> CLIPVision:
     in `dtype`. Built shape-only first, so no random init runs; errors are PretrainedErrors that
     name `path` and how to download the weights."""
     try:
-        config = hf_checkpoint.read_config(path)
+        config = weights.read_config(path)
         sizes = sizes_from_hf_config(config)
         module = nnx.eval_shape(lambda: CLIPVision(**sizes, dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, abstract = nnx.split(module, nnx.Param)
-        params = from_hf_state_dict(hf_checkpoint.read_state_dict(path), abstract)
+        params = from_hf_state_dict(weights.read_state_dict(path), abstract)
     except ValueError as error:  # PretrainedError included; also a config it cannot build
-        raise pretrained.PretrainedError(
+        raise weights.PretrainedError(
             f"Cannot load a CLIP vision tower from {path}: {error} {HOW_TO_GET}") from error
     return nnx.merge(graphdef, params)

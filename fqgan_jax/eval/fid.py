@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from fqgan_jax.atomic_file import atomic_write
+
 
 class FIDError(ValueError):
     """A reference-statistics file or feature set that FID cannot use."""
@@ -142,10 +144,8 @@ def _trace_sqrt_eigh(sigma1, sigma2):
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """pytorch-fid's statistics format (`np.savez_compressed(mu=, sigma=)`), written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez_compressed(tmp_path, mu=mu, sigma=sigma)
-    os.replace(tmp_path, path)
+    with atomic_write(path) as f:
+        np.savez_compressed(f, mu=mu, sigma=sigma)
 
 
 def load_stats(path: str, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from fqgan_jax import gan_losses
+from fqgan_jax.objectives import gan_losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,11 @@ class Phase:
     """Which adversarial parts a step runs; a static argument of the compiled step."""
     discriminator: bool  # the discriminator update
     generator: bool  # the GAN term in the generator's loss
+
+    def __str__(self) -> str:
+        if self.generator:
+            return "GAN"
+        return "discriminator warm-up" if self.discriminator else "no GAN"
 
 
 def phase(step: int, gan: ml_collections.ConfigDict) -> Phase:

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fqgan_jax import hf_checkpoint, pretrained
+from fqgan_jax.frozen import weights
+from fqgan_jax.frozen.preprocess import normalize, resize_nearest_like_torch
 from fqgan_jax.models.layers import dot_product_attention
-from fqgan_jax.models.teacher_preprocess import normalize, resize_nearest_like_torch
 
 HOW_TO_GET = ("Get the weights with: huggingface-cli download facebook/dinov2-small --include "
               "config.json model.safetensors --local-dir DIR, then pass DIR.")
@@ -106,8 +106,8 @@ def sizes_from_hf_config(config: dict) -> DINOv2Sizes:
     return DINOv2Sizes(
         width=width, num_layers=config["num_hidden_layers"],
         num_heads=config["num_attention_heads"], mlp_dim=mlp_dim,
-        patch_size=hf_checkpoint.square_size(config, "patch_size"),
-        image_size=hf_checkpoint.square_size(config, "image_size"),
+        patch_size=weights.square_size(config, "patch_size"),
+        image_size=weights.square_size(config, "image_size"),
         num_register_tokens=config["num_register_tokens"],
         use_swiglu_ffn=swiglu, qkv_bias=config.get("qkv_bias", True),
         layerscale_value=config.get("layerscale_value", 1.0),
@@ -386,9 +386,9 @@ def from_hf_state_dict(state: dict[str, np.ndarray], abstract: nnx.State, *,
     """`abstract` (the shape-only Params of a DINOv2) filled from an HF state dict. Every
     parameter must get exactly one value of its shape; a PretrainedError starting with `source`
     names the missing, unexpected and wrong-shape keys (with the expected and found shapes)."""
-    return hf_checkpoint.fill_params(state, abstract, key_to_path=official_key_to_path,
-                                     path_to_key=path_to_official_key,
-                                     what="DINOv2 built from its config", source=source)
+    return weights.fill_params(state, abstract, key_to_path=official_key_to_path,
+                               path_to_key=path_to_official_key,
+                               what="DINOv2 built from its config", source=source)
 
 
 def abstract_model(sizes: DINOv2Sizes, dtype="float32") -> tuple[nnx.GraphDef, nnx.State]:
@@ -401,12 +401,12 @@ def load_dinov2(path: str, *, dtype="float32") -> DINOv2:
     """The DINOv2 of an HF snapshot directory (config.json + model.safetensors or
     pytorch_model.bin) or of its weights file, computing in `dtype`."""
     try:
-        config = hf_checkpoint.read_config(path)
+        config = weights.read_config(path)
         sizes = sizes_from_hf_config(config)
-        state = hf_checkpoint.read_state_dict(path)
+        state = weights.read_state_dict(path)
     except ValueError as error:  # PretrainedError included
-        raise pretrained.PretrainedError(
+        raise weights.PretrainedError(
             f"Cannot load DINOv2 from {path}: {error} {HOW_TO_GET}") from error
     graphdef, abstract = abstract_model(sizes, dtype)
-    params = from_hf_state_dict(state, abstract, source=hf_checkpoint.weights_file(path))
+    params = from_hf_state_dict(state, abstract, source=weights.weights_file(path))
     return nnx.merge(graphdef, params)

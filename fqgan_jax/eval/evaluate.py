@@ -26,10 +26,11 @@ import tqdm
 from absl import logging
 from clu import metric_writers
 
-from fqgan_jax import (checkpointing, codebook_analysis, config_lib, data, image_grid,
-                       image_metrics, inception_metrics, quantize, sharding)
-from fqgan_jax.train_step import images_to_float
-from fqgan_jax.train_state import merge_model, model_graphdef
+from fqgan_jax import architecture, checkpointing, config_lib, data, quantizers, sharding
+from fqgan_jax.architecture import merge_model
+from fqgan_jax.atomic_file import atomic_write
+from fqgan_jax.data.pixels import images_to_float, to_uint8
+from fqgan_jax.eval import codebook_analysis, image_grid, image_metrics, inception_metrics
 
 
 def eval_step(params, model_state, batch, *, graphdef, config):
@@ -37,7 +38,7 @@ def eval_step(params, model_state, batch, *, graphdef, config):
     mesh and hosts, and the uint8 reconstructions."""
     model = merge_model(graphdef, params, model_state)
     recon, quantized = model(images_to_float(batch["image"]))
-    recon_u8 = image_metrics.to_uint8(recon, legacy_offset=config.eval.legacy_uint8_offset)
+    recon_u8 = to_uint8(recon, legacy_offset=config.eval.legacy_uint8_offset)
     reference = batch["image"].astype(jnp.float32) / 255.0
     reconstruction = recon_u8.astype(jnp.float32) / 255.0
     mask = batch["mask"]
@@ -47,7 +48,7 @@ def eval_step(params, model_state, batch, *, graphdef, config):
         "ssim": masked_sum(image_metrics.ssim(reference, reconstruction,
                                               data_range=config.eval.ssim_data_range)),
         "count": jnp.sum(mask.astype(jnp.int32)),
-        "counts": quantize.code_histogram(quantized.indices, config.model.codebook_size,
+        "counts": quantizers.code_histogram(quantized.indices, config.model.codebook_size,
                                           mask=mask),
         "recon": recon_u8,
     }
@@ -58,7 +59,7 @@ def compile_eval_step(config, graphdef, mesh):
     replicated = sharding.replicated(mesh)
     out = {"psnr": replicated, "ssim": replicated, "count": replicated, "counts": replicated,
            "recon": sharding.batch_sharding(mesh)}
-    return jax.jit(step, out_shardings=out)
+    return sharding.under_mesh(jax.jit(step, out_shardings=out), mesh)
 
 
 def analysis_step(params, model_state, images, *, graphdef, config):
@@ -74,8 +75,8 @@ def analysis_step(params, model_state, images, *, graphdef, config):
 
 def compile_analysis_step(config, graphdef, mesh):
     step = functools.partial(analysis_step, graphdef=graphdef, config=config)
-    return jax.jit(step, out_shardings={"single": sharding.replicated(mesh),
-                                        "codebook": sharding.replicated(mesh)})
+    return sharding.under_mesh(jax.jit(step, out_shardings={
+        "single": sharding.replicated(mesh), "codebook": sharding.replicated(mesh)}), mesh)
 
 
 def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: str,
@@ -109,7 +110,7 @@ def evaluate(config, params, model_state, *, eval_fn, mesh, step: int, workdir: 
             first_inputs = inputs
     if totals["n"] == 0:
         raise ValueError("The eval split produced no images; check config.data.")
-    stats = jax.device_get(quantize.usage_stats(counts))
+    stats = jax.device_get(quantizers.usage_stats(counts))
     results = {
         "step": int(step),
         "psnr": totals["psnr"] / totals["n"],
@@ -189,9 +190,8 @@ def _write(results, grid, workdir, step, writer):
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     path = os.path.join(eval_dir, f"{step}.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
     image_grid.save_png(grid, os.path.join(eval_dir, f"{step}.png"))
     extra = (f" rfid {results['rfid']:.4f} is {results['is']:.3f}" if "rfid" in results
              else " (no rFID/IS: " + results["protocol"]["fid"]["skipped"] + ")")
@@ -215,15 +215,12 @@ def evaluate_workdir(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     checkpointing.check_config_matches(workdir, config)
     inception = inception_metrics.load(config, mesh)  # a bad file stops us before restoring
-    state = checkpointing.restore_latest_state(workdir, config, mesh)
-    graphdef = model_graphdef(config)
-    params = state.ema_params if state.ema_params is not None else state.params
+    params, model_state, step = checkpointing.restore_model(workdir, config, mesh)
+    graphdef = architecture.model_graphdef(config)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     try:
-        with jax.set_mesh(mesh):
-            return evaluate(config, params, state.model_state, eval_fn=compile_eval_step(
-                config, graphdef, mesh), mesh=mesh, step=int(state.step), workdir=workdir,
-                writer=writer, analysis_fn=compile_analysis_step(config, graphdef, mesh),
-                inception=inception)
+        return evaluate(config, params, model_state, eval_fn=compile_eval_step(
+            config, graphdef, mesh), mesh=mesh, step=step, workdir=workdir, writer=writer,
+            analysis_fn=compile_analysis_step(config, graphdef, mesh), inception=inception)
     finally:
         writer.close()

@@ -17,13 +17,13 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from fqgan_jax import config_lib, pretrained, sharding, teachers
-from fqgan_jax.models import lpips
+from fqgan_jax import config_lib, sharding
+from fqgan_jax.frozen import lpips, teachers, weights
 
 
 def lpips_path(loss_config: ml_collections.ConfigDict) -> str:
     """config.loss.lpips_weights, or the default location the converter writes to."""
-    return os.path.expanduser(loss_config.lpips_weights) or pretrained.default_path(
+    return os.path.expanduser(loss_config.lpips_weights) or weights.default_path(
         lpips.WEIGHTS_FILENAME)
 
 
@@ -48,7 +48,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if os.path.isfile(path):
         return config
     if config.loss.lpips_required:
-        raise pretrained.PretrainedError(
+        raise weights.PretrainedError(
             f"config.loss.perceptual_weight={config.loss.perceptual_weight} needs the LPIPS "
             f"weights, but {path} does not exist. {lpips.HOW_TO_MAKE} Then pass "
             f"--config.loss.lpips_weights=PATH (or write it to the default {path}); or set "
@@ -69,7 +69,7 @@ def _check_teacher_paths(config: ml_collections.ConfigDict) -> None:
             continue  # unknown kinds are check_config's to report
         path = teacher_path(config, branch)
         if not os.path.exists(path):
-            raise pretrained.PretrainedError(
+            raise weights.PretrainedError(
                 f"Branch {branch!r} is taught by {name} ({spec.hf_id}), but {path} does not "
                 f"exist. {spec.how_to_get(path)} (or pass --config.teachers.{branch}.path=DIR "
                 "to a snapshot you have); or set --config.loss.semantic_weight=0 to train "

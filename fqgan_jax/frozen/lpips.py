@@ -12,7 +12,7 @@ The conv stack is one `nnx.List` named `vgg` whose indices are torchvision's `vg
 indices (ReLUs and max-pools occupy their slots as parameter-free functions), so a weights key
 converts by a table: `features.28.weight` -> ("vgg", 28, "kernel"); see `official_key_to_path`.
 The heads are `lins[0..4]`. The weights are never trained here: they come from a file made by
-`python -m fqgan_jax.tools.convert lpips` (format in `fqgan_jax.pretrained`).
+`python -m fqgan_jax.tools.convert lpips` (format in `fqgan_jax.frozen.weights`).
 
 The official heads are Dropout(0.5) -> conv, and FQGAN's training left that dropout active
 (spec §4.1). We default to no dropout and apply it only when given a key (`dropout_rng`).
@@ -20,6 +20,7 @@ The official heads are Dropout(0.5) -> conv, and FQGAN's training left that drop
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fqgan_jax import pretrained
+from fqgan_jax.frozen import weights
 from fqgan_jax.models.layers import torch_kernel_init
 
 WEIGHTS_KIND = "lpips_vgg16"
@@ -187,54 +188,40 @@ def abstract_params(dtype="float32") -> tuple[nnx.GraphDef, nnx.State]:
 
 def convert_torch_state_dict(vgg_state: dict[str, np.ndarray],
                              lin_state: dict[str, np.ndarray]) -> nnx.State:
-    """LPIPS parameters from torch state dicts: `vgg_state` for the VGG16 convs (torchvision's
-    vgg16, or an lpips.LPIPS module's), `lin_state` for the heads (lpips's weights/v0.1/vgg.pth).
+    """LPIPS parameters from torch state dicts: `vgg_state` (the --vgg16 file: torchvision's
+    vgg16, or an lpips.LPIPS module's) for the VGG16 convs, `lin_state` (the --lin file:
+    lpips's weights/v0.1/vgg.pth) for the heads.
 
-    Every parameter must get exactly one value of the right shape; errors name the keys.
+    Each part is filled from its own file alone, so that a full lpips.LPIPS state dict given
+    for one part does not fill (or clash with) the other; every parameter must get exactly one
+    value of the right shape, and an error names the file's flag and the offending keys.
     """
     _, abstract = abstract_params()
-    expected = {path: leaf for path, leaf in nnx.to_flat_state(abstract)}
-    values = {}
-    for source, state, part in (("--vgg16", vgg_state, "vgg"), ("--lin", lin_state, "lins")):
-        values.update(_convert_part(source, state, part, expected))
-    assert values.keys() == expected.keys()  # each part checked its own paths
-    return nnx.from_flat_state(
-        [(path, leaf.replace(jnp.asarray(values[path]))) for path, leaf in expected.items()])
+    flat = list(nnx.to_flat_state(abstract))
+    filled = []
+    for flag, state, part in (("--vgg16", vgg_state, "vgg"), ("--lin", lin_state, "lins")):
+        part_abstract = nnx.from_flat_state([(path, leaf) for path, leaf in flat
+                                             if path[0] == part])
+        filled += nnx.to_flat_state(weights.fill_params(
+            state, part_abstract, key_to_path=functools.partial(_key_to_path_in, part),
+            path_to_key=_official_name, what=_PART_NAME[part], source=f"The {flag} file",
+            hint=_SOURCE_HINT[flag]))
+    return nnx.from_flat_state(filled)
 
 
-def _convert_part(source: str, state: dict, part: str, expected: dict) -> dict:
-    """{path: HWIO array} from the keys of `state` that belong to `part` ("vgg" or "lins")."""
-    mapped, unknown = pretrained.map_state_dict(state, official_key_to_path)
-    values, wrong_shape = {}, []
-    for path, (key, array) in mapped.items():
-        if path[0] != part:
-            continue
-        array = pretrained.torch_layout_to_flax(array)
-        if array.shape != expected[path].shape:
-            wrong_shape.append(f"{key} {array.shape} (expected {expected[path].shape})")
-        values[path] = array
-    if unknown:
-        raise pretrained.PretrainedError(
-            f"The {source} file has {len(unknown)} keys that are not VGG16/LPIPS keys "
-            f"({pretrained.listing(unknown)}); is it {_SOURCE_DESCRIPTION[source]}, or an "
-            "lpips.LPIPS(net='vgg') state dict?")
-    if wrong_shape:
-        raise pretrained.PretrainedError(
-            f"The {source} file has {len(wrong_shape)} arrays of the wrong shape, after OIHW -> "
-            f"HWIO ({pretrained.listing(wrong_shape)}); is it VGG16 (not VGG11/13/19)?")
-    missing = [_official_name(path) for path in expected
-               if path[0] == part and path not in values]
-    if missing:
-        raise pretrained.PretrainedError(
-            f"The {source} file lacks {pretrained.listing(missing)}"
-            f"{f' ({len(missing)} arrays)' if len(missing) > 1 else ''}; is it "
-            f"{_SOURCE_DESCRIPTION[source]}?")
-    return values
+def _key_to_path_in(part: str, official_key: str) -> tuple | None:
+    """official_key_to_path, with keys of the other part ("vgg" or "lins") skipped: an
+    lpips.LPIPS state dict holds both."""
+    path = official_key_to_path(official_key)
+    return path if path is None or path[0] == part else None
 
 
-_SOURCE_DESCRIPTION = {
-    "--vgg16": "a torchvision vgg16 state dict (vgg16-397923af.pth)",
-    "--lin": "lpips's weights/v0.1/vgg.pth (the lin0..lin4 heads of LPIPS-VGG)",
+_PART_NAME = {"vgg": "VGG16 convs of LPIPS", "lins": "heads of LPIPS-VGG (lin0..lin4)"}
+_SOURCE_HINT = {
+    "--vgg16": ("Is it a torchvision vgg16 state dict (vgg16-397923af.pth; VGG16, not "
+                "VGG11/13/19 or vgg16_bn), or an lpips.LPIPS(net='vgg') state dict?"),
+    "--lin": ("Is it lpips's weights/v0.1/vgg.pth (the lin0..lin4 heads of LPIPS-VGG), or an "
+              "lpips.LPIPS(net='vgg') state dict?"),
 }
 
 
@@ -249,5 +236,5 @@ def _official_name(path: tuple) -> str:
 def load_lpips(path: str, *, dtype="float32") -> LPIPS:
     """LPIPS with the weights of `path` (a converted file), computing in `dtype`."""
     graphdef, abstract = abstract_params(dtype)
-    params = pretrained.load(path, abstract, kind=WEIGHTS_KIND, how_to_make=HOW_TO_MAKE)
+    params = weights.load(path, abstract, kind=WEIGHTS_KIND, how_to_make=HOW_TO_MAKE)
     return nnx.merge(graphdef, params)

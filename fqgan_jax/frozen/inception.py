@@ -9,7 +9,7 @@ patched; each conv is BasicConv2d = conv (no bias) -> BatchNorm(eps 0.001) -> Re
 NHWC. Attribute names mirror torch's, so a weights key converts by a table:
 `Mixed_5b.branch5x5_1.bn.running_var` -> ("Mixed_5b", "branch5x5_1", "bn", "var"); see
 `official_key_to_path`. The weights are never trained here: they come from a file made by
-`python -m fqgan_jax.tools.convert inception` (format in `fqgan_jax.pretrained`). FID compares
+`python -m fqgan_jax.tools.convert inception` (format in `fqgan_jax.frozen.weights`). FID compares
 float32 features across papers, so the convs and matmuls run at HIGHEST precision (TPUs would
 otherwise use bf16 passes).
 """
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fqgan_jax import pretrained
+from fqgan_jax.frozen import weights
 
 WEIGHTS_KIND = "fid_inception_v3"
 WEIGHTS_FILENAME = "fid_inception_v3.npz"
@@ -349,13 +349,6 @@ def _official_name(path: tuple) -> str:
     return ".".join([*module, leaf])
 
 
-def _torch_shape(shape: tuple) -> tuple:
-    """Our shape of a parameter in torch's layout: HWIO -> OIHW, fc's [in, out] -> [out, in]."""
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return tuple(shape[::-1])  # 1-D: unchanged
-
-
 def abstract_params(dtype="float32") -> tuple[nnx.GraphDef, nnx.State]:
     """The graphdef and shape-only parameters of the FID Inception, with nothing allocated."""
     module = nnx.eval_shape(lambda: FIDInceptionV3(dtype=dtype, rngs=nnx.Rngs(0)))
@@ -367,37 +360,19 @@ def _param_shapes() -> dict[tuple, tuple]:
     return {path: tuple(leaf.shape) for path, leaf in nnx.to_flat_state(abstract_params()[1])}
 
 
-def convert_torch_state_dict(state: dict[str, np.ndarray]) -> nnx.State:
+def convert_torch_state_dict(state: dict[str, np.ndarray], *,
+                             source: str = "The state dict") -> nnx.State:
     """FID Inception parameters from pytorch-fid's state dict (pt_inception-2015-12-05-*.pth).
 
-    Every parameter must get exactly one value of the right shape; errors name the keys.
+    Every parameter must get exactly one value of the right shape; an error starting with
+    `source` (e.g. "The --pth file") names the offending keys and where the right file is.
     """
     _reject_torchvision_inception(state)
     _, abstract = abstract_params()
-    expected = dict(nnx.to_flat_state(abstract))
-    mapped, unknown = pretrained.map_state_dict(state, official_key_to_path)
-    values, wrong_shape = {}, []
-    for path, (key, array) in mapped.items():
-        want = _torch_shape(expected[path].shape)
-        if array.shape != want:
-            wrong_shape.append(f"{key} (expected {want}, found {array.shape})")
-        values[path] = pretrained.torch_layout_to_flax(array)
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} keys that are not FID Inception keys "
-                        f"({pretrained.listing(unknown)})")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} arrays of the wrong shape "
-                        f"({pretrained.listing(wrong_shape)})")
-    missing = [_official_name(path) for path in expected if path not in values]
-    if missing:
-        problems.append(f"no {pretrained.listing(missing)} ({len(missing)} arrays missing)")
-    if problems:
-        raise pretrained.PretrainedError(
-            f"The state dict has {'; '.join(problems)}. Is it pytorch-fid's "
-            f"pt_inception-2015-12-05-6726825d.pth ({WEIGHTS_URL})?")
-    return nnx.from_flat_state(
-        [(path, leaf.replace(jnp.asarray(values[path]))) for path, leaf in expected.items()])
+    return weights.fill_params(
+        state, abstract, key_to_path=official_key_to_path, path_to_key=_official_name,
+        what="FID Inception", source=source,
+        hint=f"Is it pytorch-fid's pt_inception-2015-12-05-6726825d.pth ({WEIGHTS_URL})?")
 
 
 def _reject_torchvision_inception(state: dict) -> None:
@@ -406,7 +381,7 @@ def _reject_torchvision_inception(state: dict) -> None:
     fc_shape = tuple(np.shape(state["fc.weight"])) if "fc.weight" in state else None
     aux = sum(key.startswith("AuxLogits.") for key in state)
     if aux or fc_shape == (1000, POOL3_DIM):
-        raise pretrained.PretrainedError(
+        raise weights.PretrainedError(
             f"This is torchvision's ImageNet Inception v3 (fc.weight of shape {fc_shape}, {aux} "
             "AuxLogits.* arrays; e.g. inception_v3_google-0cc3c7bd.pth), not the FID Inception: "
             "FID needs TF's inception-2015-12-05 weights (1008 classes), whose pytorch-fid port "
@@ -416,5 +391,5 @@ def _reject_torchvision_inception(state: dict) -> None:
 def load_inception(path: str, *, dtype="float32") -> FIDInceptionV3:
     """The FID Inception with the weights of `path` (a converted file), computing in `dtype`."""
     graphdef, abstract = abstract_params(dtype)
-    params = pretrained.load(path, abstract, kind=WEIGHTS_KIND, how_to_make=HOW_TO_MAKE)
+    params = weights.load(path, abstract, kind=WEIGHTS_KIND, how_to_make=HOW_TO_MAKE)
     return nnx.merge(graphdef, params)

@@ -9,12 +9,11 @@ spec §5.3 / paper Figure 3, transposed so each row is one kind of image). Cells
 and the whole grid is framed with, ``padding`` pixels of neutral gray.
 """
 
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from fqgan_jax.atomic_file import atomic_write
 
 _PAD_VALUE = 128  # neutral gray: distinguishable from both black and white image borders
 
@@ -61,14 +60,5 @@ def save_png(image: np.ndarray, path) -> None:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
         raise ValueError(f"save_png expects [H, W], [H, W, 1|3|4], got {array.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_write(path) as f:
+        Image.fromarray(array).save(f, format="PNG")

@@ -17,10 +17,9 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from fqgan_jax import (checkpointing, config_lib, data, evaluate, frozen_nets, image_grid,
-                       inception_metrics, sharding)
-from fqgan_jax.train_state import Components, abstract_state, create_train_state, make_components
-from fqgan_jax.train_step import compile_train_step
+from fqgan_jax import checkpointing, data, sharding
+from fqgan_jax.eval import evaluate, image_grid, inception_metrics
+from fqgan_jax.training.build import Run, build_run
 
 
 class NonFiniteError(RuntimeError):
@@ -28,61 +27,56 @@ class NonFiniteError(RuntimeError):
 
 
 @dataclasses.dataclass
-class Run:
-    """Everything built once per run; the loop reads it, never mutates it."""
-    config: object  # as resolved by frozen_nets.resolve
+class Loop:
+    """The training run and what the loop writes with: built once, never mutated."""
+    run: Run
     workdir: str
-    mesh: object
-    components: Components
-    frozen: dict  # params of the frozen networks (LPIPS, teachers), placed on the mesh
-    abstract_state: object  # shapes and dtypes of the TrainState
-    state_shardings: object
     checkpointer: checkpointing.Checkpointer
     writer: object
     eval_fn: object  # jitted evaluate.eval_step
     analysis_fn: object  # jitted evaluate.analysis_step (FQGAN Figures 3-4)
     inception: object  # inception_metrics.InceptionEval for rFID / IS, or None (no weights)
 
+    @property
+    def config(self):
+        return self.run.config
 
-def setup(config, workdir: str) -> Run:
-    """Validates config, data, weight files and workdir before anything is compiled."""
-    config = frozen_nets.resolve(config)
-    inception_metrics.resolve(config.eval)  # weight files first, as frozen_nets.resolve
-    config_lib.check_config(config, jax.device_count())
-    mesh = sharding.make_mesh(config.mesh)
+    @property
+    def mesh(self):
+        return self.run.mesh
+
+
+def setup(config, workdir: str) -> Loop:
+    """Validates config, weight files, data and workdir before anything is compiled."""
+    run = build_run(config)
+    config = run.config
     for split in ("train", "eval"):
         data.make_source(config.data, split)  # raises DataError on missing data, early
     logging.info("data: %s", data.describe(config.data))
     checkpointing.check_config_matches(workdir, config)
-    frozen = frozen_nets.load(config, mesh)  # a bad weights file stops us before any write
-    inception = inception_metrics.load(config, mesh)
+    inception = inception_metrics.load(config, run.mesh)  # a bad file stops us before any write
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    components = make_components(config)
-    abstract = abstract_state(config, components)
-    return Run(config=config, workdir=workdir, mesh=mesh, components=components,
-               frozen=frozen, abstract_state=abstract,
-               state_shardings=sharding.state_shardings(abstract, mesh, config.mesh),
-               checkpointer=checkpointing.Checkpointer(
-                   os.path.join(workdir, "checkpoints"),
-                   max_to_keep=config.train.keep_checkpoints),
-               writer=metric_writers.create_default_writer(
-                   workdir, just_logging=jax.process_index() > 0, asynchronous=True),
-               eval_fn=evaluate.compile_eval_step(config, components.graphdef, mesh),
-               analysis_fn=evaluate.compile_analysis_step(config, components.graphdef, mesh),
-               inception=inception)
+    graphdef = run.components.graphdef
+    return Loop(run=run, workdir=workdir,
+                checkpointer=checkpointing.Checkpointer(
+                    os.path.join(workdir, "checkpoints"),
+                    max_to_keep=config.train.keep_checkpoints),
+                writer=metric_writers.create_default_writer(
+                    workdir, just_logging=jax.process_index() > 0, asynchronous=True),
+                eval_fn=evaluate.compile_eval_step(config, graphdef, run.mesh),
+                analysis_fn=evaluate.compile_analysis_step(config, graphdef, run.mesh),
+                inception=inception)
 
 
-def restore_or_init(run: Run, data_iterator):
+def restore_or_init(loop: Loop, data_iterator):
     """Returns (state, meta) from the latest checkpoint, or a fresh state."""
-    step = run.checkpointer.latest_step()
+    step = loop.checkpointer.latest_step()
     if step is None:
-        state = create_train_state(run.config, run.components, run.state_shardings)
-        return state, {"num_skipped_images": 0, "num_converted_images": 0}
-    target = checkpointing.with_shardings(run.abstract_state, run.state_shardings)
-    return run.checkpointer.restore(step, target, data_iterator)
+        return loop.run.init_state(), {"num_skipped_images": 0, "num_converted_images": 0}
+    return loop.checkpointer.restore(step, loop.run.state_target, data_iterator)
 
 
 def train_iterator(config):
@@ -94,52 +88,26 @@ def train_iterator(config):
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains to `config.train.num_steps`, evaluating along the way; returns the last eval."""
-    run = setup(config, workdir)
-    # The mesh in context: layers that need it by name (the sharded codebook search) find it.
-    with jax.set_mesh(run.mesh):
-        return _train(run)
-
-
-def _train(run: Run) -> dict:
-    iterator = train_iterator(run.config)
-    state, meta = restore_or_init(run, iterator)
+    loop = setup(config, workdir)
+    iterator = train_iterator(loop.config)
+    state, meta = restore_or_init(loop, iterator)
     parameter_overview.log_parameter_overview(state.params.to_pure_dict())
     if state.disc is not None:
         parameter_overview.log_parameter_overview(state.disc.params.to_pure_dict(),
                                                   msg="discriminator")
-    step_fn = _compile_with_report(run, state)
+    # Every phase the run will reach, compiled now: a later phase that does not fit fails
+    # before step 1 (each one's memory is logged).
+    loop.run.compile_step_phases(int(jax.device_get(state.step)))
     try:
-        return _loop(run, state, meta, iterator, step_fn)
+        return _loop(loop, state, meta, iterator, loop.run.train_step)
     finally:
-        run.checkpointer.close()
-        run.writer.close()
+        loop.checkpointer.close()
+        loop.writer.close()
         if hasattr(iterator, "close"):
             iterator.close()
 
 
-def _compile_with_report(run: Run, state):
-    """The phased train step; the program of the first step is compiled ahead of time and its
-    device memory logged before training starts. The programs of the later adversarial phases
-    compile when their first step comes (logged)."""
-    config = run.config
-    step_fn = compile_train_step(config, run.components, run.state_shardings,
-                                 jax.tree.map(lambda x: x.sharding, run.frozen),
-                                 sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh))
-    size = config.data.image_size
-    batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), np.uint8,
-                                           sharding=sharding.batch_sharding(run.mesh))}
-    step = int(jax.device_get(state.step))
-    memory = step_fn.compile_ahead(step, state, batch, run.frozen).memory_analysis()
-    if memory is not None:
-        gib = lambda n: n / 2**30  # noqa: E731
-        logging.info("train step (%s) memory per device: arguments %.2f GiB, outputs %.2f "
-                     "GiB, temporaries %.2f GiB", step_fn.phase(step),
-                     gib(memory.argument_size_in_bytes), gib(memory.output_size_in_bytes),
-                     gib(memory.temp_size_in_bytes))
-    return step_fn
-
-
-def _loop(run: Run, state, meta, iterator, step_fn) -> dict:
+def _loop(run: Loop, state, meta, iterator, step_fn) -> dict:
     config = run.config
     step = int(jax.device_get(state.step))
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
@@ -215,7 +183,7 @@ def _check_finite(streak: int, config) -> None:
             "config.optimizer.learning_rate, add warmup, or use model.dtype='float32'.")
 
 
-def _log_metrics(run: Run, step: int, metrics, totals: dict) -> None:
+def _log_metrics(run: Loop, step: int, metrics, totals: dict) -> None:
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     scalars["data/skipped_images"] = totals["num_skipped_images"]
     scalars["data/converted_images"] = totals["num_converted_images"]
@@ -247,20 +215,19 @@ class DataCounters:
         return dict(zip(self.KEYS, (self.restored + counts).tolist()))
 
 
-def _maybe_eval(run: Run, state, step: int, *, force: bool):
+def _maybe_eval(run: Loop, state, step: int, *, force: bool):
     path = os.path.join(run.workdir, "eval", f"{step}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     if not force:
         return None
-    params = state.ema_params if state.ema_params is not None else state.params
-    return evaluate.evaluate(run.config, params, state.model_state, eval_fn=run.eval_fn,
+    return evaluate.evaluate(run.config, state.params_for_eval(), state.model_state, eval_fn=run.eval_fn,
                              analysis_fn=run.analysis_fn, inception=run.inception,
                              mesh=run.mesh, step=step, workdir=run.workdir, writer=run.writer)
 
 
-def _grid_inputs(run: Run) -> dict:
+def _grid_inputs(run: Loop) -> dict:
     """The fixed held-out batch whose reconstructions are written every `image_every` steps."""
     config = run.config
     per_process = config.eval.batch_size // jax.process_count()
@@ -271,7 +238,7 @@ def _grid_inputs(run: Run) -> dict:
                                     sharding.batch_sharding(run.mesh))
 
 
-def _write_train_grid(run: Run, state, step: int, inputs: dict) -> None:
+def _write_train_grid(run: Loop, state, step: int, inputs: dict) -> None:
     """Reconstructions of a fixed held-out batch, for watching progress."""
     recon = sharding.gather_to_host(run.eval_fn(state.params, state.model_state, inputs)["recon"])
     images = sharding.gather_to_host(inputs["image"])  # every process joins; process 0 writes

@@ -25,15 +25,12 @@ import ml_collections
 import optax
 from flax import nnx
 
-from fqgan_jax import adversarial, losses, quantize, teachers
-from fqgan_jax.train_state import Components, TrainState, learning_rate_schedule, merge_model
-
-
-def images_to_float(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1]; float inputs are taken as already normalized."""
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 127.5 - 1.0
-    return images.astype(jnp.float32)
+from fqgan_jax import sharding
+from fqgan_jax.architecture import merge_model
+from fqgan_jax.data.pixels import images_to_float
+from fqgan_jax.frozen import teachers
+from fqgan_jax.objectives import adversarial, infonce, losses
+from fqgan_jax.training.train_state import Components, TrainState
 
 
 def _select(keep_new: jax.Array, new, old):
@@ -45,16 +42,14 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def codebook_health(indices, last_seen, step, codebook_size, window):
-    """Batch perplexity and top-code share, and the running usage estimate."""
-    counts = quantize.code_histogram(indices, codebook_size)
+def codebook_health(indices, stats, last_seen, step, window):
+    """The quantizer's batch statistics per sub-codebook, and the running usage estimate."""
     flat = indices.reshape(-1, indices.shape[-1])
     seen = jax.vmap(lambda ls, idx: ls.at[idx].set(step))(last_seen, flat.T)
-    stats = quantize.usage_stats(counts)
     metrics = {}
-    for i in range(counts.shape[0]):
-        metrics[f"codebook/{i}/perplexity"] = stats["perplexity"][i]
-        metrics[f"codebook/{i}/top_code_share"] = stats["top_code_share"][i]
+    for i in range(flat.shape[-1]):
+        for name, values in stats.items():
+            metrics[f"codebook/{i}/{name}"] = values[i]
         metrics[f"codebook/{i}/running_usage"] = jnp.mean(
             (step - seen[i] < window).astype(jnp.float32))
     return seen, metrics
@@ -88,13 +83,14 @@ def _generator_loss(params, state: TrainState, images, frozen, teacher_cls, rng,
     # Dropout (off in the official recipe) draws from the state's key, folded with the step.
     rngs = nnx.Rngs(dropout=dropout_rng) if config.model.dropout > 0 else None
     quantized = model.encode(images, with_entropy=config.loss.entropy_weight > 0, rngs=rngs)
-    features = model.decode_features(quantized.codes, rngs=rngs)
+    features = model.decode_features(quantized.quantized, rngs=rngs)
     recon = model.decoder.conv_out(features).astype(jnp.float32)
     perceptual_fn = _perceptual_fn(components, frozen, config.loss, lpips_rng)
-    total, terms = losses.generator_loss(images, recon, quantized, config.loss, perceptual_fn)
+    total, terms = losses.generator_loss(images, recon, quantized, config.loss, perceptual_fn,
+                                         quantizer_weights=model.quantize.loss_weights(config.loss))
     if teacher_cls:
-        semantic, semantic_terms = losses.semantic_loss(
-            model.predict_teacher_features(quantized.codes), teacher_cls, config.loss,
+        semantic, semantic_terms = infonce.semantic_loss(
+            model.predict_teacher_features(quantized.quantized), teacher_cls, config.loss,
             num_groups=num_shards if config.loss.infonce_negatives == "shard" else 1)
         total, terms = total + semantic, {**terms, **semantic_terms}
     if state.disc is not None:
@@ -111,7 +107,8 @@ def _generator_loss(params, state: TrainState, images, frozen, teacher_cls, rng,
                     recon, disc_graphdef=components.disc_graphdef, disc_state=state.disc,
                     gan=config.gan, adaptive=adaptive)
         total = total + weighted
-    return total, ({f"loss/{k}": v for k, v in terms.items()}, quantized.indices, recon)
+    metrics = {f"loss/{k}": v for k, v in terms.items()}
+    return total, (metrics, quantized.indices, quantized.stats, recon)
 
 
 def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Components,
@@ -128,7 +125,7 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Comp
     # Outside the differentiated function: the teachers get no backward pass at all.
     teacher_cls = teacher_features(images, frozen, components=components, config=config)
     grad_fn = jax.value_and_grad(_generator_loss, has_aux=True)
-    (loss, (loss_metrics, indices, recon)), grads = grad_fn(
+    (loss, (loss_metrics, indices, stats, recon)), grads = grad_fn(
         state.params, state, images, frozen, teacher_cls, rng, components=components,
         config=config, gan_on=phase.generator, num_shards=num_shards)
     updates, new_opt_state = components.tx.update(grads, state.opt_state, state.params)
@@ -154,8 +151,7 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Comp
     params, opt_state, ema, disc = _select(
         finite, (new_params, new_opt_state, ema, new_disc),
         (state.params, state.opt_state, state.ema_params, state.disc))
-    last_seen, health = codebook_health(indices, state.code_last_seen, state.step,
-                                        config.model.codebook_size,
+    last_seen, health = codebook_health(indices, stats, state.code_last_seen, state.step,
                                         config.train.usage_window_steps)
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
@@ -168,10 +164,9 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Comp
         nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
         nonfinite_total=state.nonfinite_total + skipped,
     )
-    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "param_norm": optax.global_norm(state.params),
-               "learning_rate": schedule(state.step), "skipped": skipped,
+               "learning_rate": components.learning_rate(state.step), "skipped": skipped,
                "nonfinite_streak": new_state.nonfinite_streak,
                "nonfinite_total": new_state.nonfinite_total,
                **loss_metrics, **disc_metrics, **health}
@@ -181,30 +176,45 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Comp
 class PhasedTrainStep:
     """The train step compiled per adversarial phase: `at(step)` is the program for the update
     after `step` updates. Each phase's program is jitted with explicit shardings, donates the old
-    state (not the frozen params), and is compiled the first time it is needed."""
+    state (not the frozen params) and is traced under the run's mesh, so layers that look the
+    mesh up by axis name (the sharded codebook search) find it. `compile_phases` compiles every
+    phase a run will go through ahead of time; a phase not compiled ahead compiles when needed."""
 
-    def __init__(self, config, components, state_shardings, frozen_shardings, batch_sharding,
-                 replicated):
+    def __init__(self, config, components, mesh, state_shardings, frozen_shardings):
         self.config = config
-        self.num_shards = batch_sharding.mesh.size  # InfoNCE's "shard" negatives
+        self.mesh = mesh
+        self.num_shards = mesh.size  # InfoNCE's "shard" negatives: the batch is split over all
         self._jit = functools.partial(
-            jax.jit, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-            out_shardings=(state_shardings, replicated), donate_argnums=0)
+            jax.jit, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                   frozen_shardings),
+            out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
         self._components = components
         self._programs = {}
 
     def phase(self, step: int) -> adversarial.Phase:
         return adversarial.phase(step, self.config.gan)
 
+    def phase_starts(self, first: int, end: int) -> dict[adversarial.Phase, int]:
+        """{phase: its first step} of the phases that steps first .. end - 1 go through."""
+        gan = self.config.gan
+        # A phase can only change where the discriminator or the generator's GAN term starts.
+        boundaries = (gan.start - gan.disc_warmup_steps - 1, gan.start - 1)
+        starts = {}
+        for step in sorted({first, *(b for b in boundaries if first < b < end)}):
+            starts.setdefault(self.phase(step), step)
+        return starts
+
     def at(self, step: int):
         phase = self.phase(step)
         if phase not in self._programs:
-            self._programs[phase] = self._jitted(phase)
+            self._programs[phase] = sharding.under_mesh(self._jitted(phase), self.mesh)
         return self._programs[phase]
 
     def compile_ahead(self, step: int, *args):
-        """Compiles the program of `step` for `args` now, and keeps it; returns it."""
-        compiled = self._jitted(self.phase(step)).lower(*args).compile()
+        """Compiles the program of `step` for `args` (arrays or ShapeDtypeStructs) now, and
+        keeps it; returns it."""
+        with jax.set_mesh(self.mesh):
+            compiled = self._jitted(self.phase(step)).lower(*args).compile()
         self._programs[self.phase(step)] = compiled
         return compiled
 
@@ -212,9 +222,3 @@ class PhasedTrainStep:
         return self._jit(functools.partial(train_step, components=self._components,
                                            config=self.config, phase=phase,
                                            num_shards=self.num_shards))
-
-
-def compile_train_step(config, components, state_shardings, frozen_shardings, batch_sharding,
-                       replicated) -> PhasedTrainStep:
-    return PhasedTrainStep(config, components, state_shardings, frozen_shardings,
-                           batch_sharding, replicated)

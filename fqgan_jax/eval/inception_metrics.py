@@ -25,8 +25,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fqgan_jax import fid, frozen_nets, inception_score, pretrained, sharding
-from fqgan_jax.models import inception
+from fqgan_jax import sharding
+from fqgan_jax.eval import fid, inception_score
+from fqgan_jax.frozen import inception, networks, weights
 
 PREPROCESS = {
     "pytorch_fid": "bilinear resize to 299x299 (torch, align_corners=False, no antialias), "
@@ -55,7 +56,7 @@ class InceptionEval:
 def weights_path(eval_config) -> str:
     """config.eval.inception_weights, or where the converter writes by default."""
     return (os.path.expanduser(eval_config.inception_weights)
-            or pretrained.default_path(inception.WEIGHTS_FILENAME))
+            or weights.default_path(inception.WEIGHTS_FILENAME))
 
 
 def resolve(eval_config) -> str | None:
@@ -67,7 +68,7 @@ def resolve(eval_config) -> str | None:
     if not os.path.isfile(path) and (eval_config.inception_weights or reference):
         wanted = ("config.eval.inception_weights" if eval_config.inception_weights
                   else f"config.eval.fid_reference={reference}")
-        raise pretrained.PretrainedError(
+        raise weights.PretrainedError(
             f"{wanted} needs the FID Inception weights, but {path} does not exist. "
             f"{inception.HOW_TO_MAKE} Or leave config.eval.inception_weights and "
             "config.eval.fid_reference empty to evaluate without rFID and IS.")
@@ -92,7 +93,7 @@ def load(config, mesh) -> InceptionEval | None:
     reference = (fid.load_stats(config.eval.fid_reference, inception.POOL3_DIM)
                  if config.eval.fid_reference else None)
     graphdef, params = nnx.split(inception.load_inception(path), nnx.Param)
-    params = jax.device_put(params, frozen_nets.shardings(params, mesh,
+    params = jax.device_put(params, networks.shardings(params, mesh,
                                                           shard=config.mesh.shard_frozen))
     logging.info("FID Inception weights: %s; rFID against %s", path,
                  config.eval.fid_reference or "the eval originals")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqgan_jax import fid
+from fqgan_jax.eval import fid
 
 DEFAULT_SPLITS = 10
 

@@ -7,6 +7,7 @@ jax_stack.md §2.1), so every step is a pure function of `TrainState`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax
@@ -16,10 +17,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from fqgan_jax import config_lib, teachers
-from fqgan_jax.models import Tokenizer
-from fqgan_jax.models.discriminator import PatchDiscriminator
-from fqgan_jax.models import lpips
+from fqgan_jax import architecture, checkpointing, config_lib, sharding
+from fqgan_jax.frozen import lpips, teachers
 
 # Codes never assigned carry this "last seen" step, far outside any usage window.
 NEVER_SEEN = -(2**30)
@@ -44,7 +43,11 @@ class TrainState:
     code_last_seen: jax.Array  # int32 [k, K]: step at which each code was last assigned
     nonfinite_streak: jax.Array  # int32: consecutive skipped updates
     nonfinite_total: jax.Array  # int32: all skipped updates
-    disc: DiscriminatorState | None  # None when config.gan.weight == 0
+    disc: DiscriminatorState | None  # None without a discriminator (config_lib.has_discriminator)
+
+    def params_for_eval(self) -> nnx.State:
+        """The EMA params when the run keeps them, else the params (what eval and export use)."""
+        return self.ema_params if self.ema_params is not None else self.params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Components:
     """The static halves of training, built once per run: model structures and optimizers."""
     graphdef: nnx.GraphDef  # the tokenizer
     tx: optax.GradientTransformation
+    learning_rate: optax.Schedule  # the tokenizer's, as `tx` applies it (logged by the step)
     disc_graphdef: nnx.GraphDef | None
     disc_tx: optax.GradientTransformation | None
     lpips_graphdef: nnx.GraphDef | None  # None when config.loss.perceptual_weight == 0
@@ -59,20 +63,30 @@ class Components:
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 (none when warmup_steps is 0: optax warns about a 0-step ramp), then
+    constant or cosine decay to min_lr_ratio x the peak."""
     if opt.schedule == "constant":
+        constant = optax.constant_schedule(opt.learning_rate)
+        if opt.warmup_steps == 0:
+            return constant
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps),
-             optax.constant_schedule(opt.learning_rate)], [opt.warmup_steps])
+            [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), constant],
+            [opt.warmup_steps])
+    if opt.warmup_steps == 0:  # optax's own warm-up-cosine, without its 0-step ramp
+        return optax.cosine_decay_schedule(
+            opt.learning_rate, max(num_steps, 1),
+            alpha=opt.learning_rate * opt.min_lr_ratio / opt.learning_rate
+            if opt.learning_rate else 0.0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
         decay_steps=max(num_steps, opt.warmup_steps + 1),
         end_value=opt.learning_rate * opt.min_lr_ratio)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
     """Adam(0.9, 0.95) with global-norm clipping (spec fqgan.md §4.3), for `config.optimizer`
     (the tokenizer) or `config.gan.optimizer` (the discriminator)."""
-    schedule = learning_rate_schedule(opt, num_steps)
     if opt.weight_decay > 0:
         adam = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                            weight_decay=opt.weight_decay)
@@ -81,37 +95,17 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adam)
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Tokenizer:
-    """The tokenizer, with a feature-prediction head per taught branch, sized by its teacher."""
-    widths = {branch: teachers.kind(name).width
-              for branch, name in config_lib.taught_branches(config).items()}
-    return Tokenizer.from_config(config.model, image_size=config.data.image_size, rngs=rngs,
-                                 teacher_widths=widths)
-
-
-def create_discriminator(config: ml_collections.ConfigDict,
-                         rngs: nnx.Rngs) -> PatchDiscriminator:
-    return PatchDiscriminator(ndf=config.gan.ndf, n_layers=config.gan.n_layers,
-                              dtype=config.model.dtype, rngs=rngs)
-
-
-def _graphdef(build) -> nnx.GraphDef:
-    """The static half of a module, built without allocating any parameter."""
-    return nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param, ...)[0]
-
-
-def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
-    return _graphdef(lambda rngs: create_model(config, rngs))
-
-
 def make_components(config: ml_collections.ConfigDict) -> Components:
-    with_gan = config.gan.weight > 0
+    with_gan = config_lib.has_discriminator(config)
+    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+    disc_schedule = learning_rate_schedule(config.gan.optimizer, config.train.num_steps)
     return Components(
-        graphdef=model_graphdef(config),
-        tx=make_optimizer(config.optimizer, config.train.num_steps),
-        disc_graphdef=_graphdef(lambda r: create_discriminator(config, r)) if with_gan else None,
-        disc_tx=make_optimizer(config.gan.optimizer, config.train.num_steps)
-        if with_gan else None,
+        graphdef=architecture.model_graphdef(config),
+        tx=make_optimizer(config.optimizer, schedule),
+        learning_rate=schedule,
+        disc_graphdef=architecture.graphdef(
+            lambda r: architecture.create_discriminator(config, r)) if with_gan else None,
+        disc_tx=make_optimizer(config.gan.optimizer, disc_schedule) if with_gan else None,
         lpips_graphdef=lpips.abstract_params(config.model.dtype)[0]
         if config.loss.perceptual_weight > 0 else None,
         teacher_graphdefs={branch: teachers.abstract(name, config.model.dtype)[0]
@@ -119,7 +113,8 @@ def make_components(config: ml_collections.ConfigDict) -> Components:
 
 
 def _initial_disc_state(config, disc_tx, rng) -> DiscriminatorState:
-    _, params, batch_stats = nnx.split(create_discriminator(config, nnx.Rngs(params=rng)),
+    _, params, batch_stats = nnx.split(
+        architecture.create_discriminator(config, nnx.Rngs(params=rng)),
                                        nnx.Param, nnx.BatchStat)
     return DiscriminatorState(params=params, batch_stats=batch_stats,
                               opt_state=disc_tx.init(params),
@@ -130,7 +125,7 @@ def initial_state(config: ml_collections.ConfigDict, components: Components,
                   rng: jax.Array) -> TrainState:
     """A fresh state; meant to run under jit with out_shardings, so it is built sharded."""
     init_rng, state_rng, disc_rng = jax.random.split(rng, 3)
-    model = create_model(config, nnx.Rngs(params=init_rng))
+    model = architecture.create_model(config, nnx.Rngs(params=init_rng))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     num_codebooks = len(config.model.branches)
     tx = components.tx
@@ -162,5 +157,22 @@ def create_train_state(config, components: Components, shardings) -> TrainState:
     return init()
 
 
-def merge_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State) -> Tokenizer:
-    return nnx.merge(graphdef, params, model_state)
+def state_target(config, components: Components, mesh) -> TrainState:
+    """The abstract state with its shardings on `mesh` (config.mesh's rules): what a fresh state
+    is created as and what a checkpoint restores into, on any mesh."""
+    abstract = abstract_state(config, components)
+    return checkpointing.with_shardings(
+        abstract, sharding.state_shardings(abstract, mesh, config.mesh))
+
+
+def restore_state(workdir: str, config, mesh, step: int | None = None) -> TrainState:
+    """The whole TrainState at checkpoint `step` (default: the latest) of `workdir`, on `mesh`,
+    without the data position (the loop restores that with its iterator)."""
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              async_save=False)
+    try:
+        step = checkpointer.existing_step(step)
+        state, _ = checkpointer.restore(step, state_target(config, make_components(config), mesh))
+    finally:
+        checkpointer.close()
+    return state

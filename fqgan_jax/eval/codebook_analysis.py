@@ -14,18 +14,16 @@ the t-SNE part is host-side, and imports scikit-learn and matplotlib only when c
 from __future__ import annotations
 
 import operator
-import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqgan_jax import image_grid, image_metrics
-from fqgan_jax.train_state import merge_model
-from fqgan_jax.train_step import images_to_float
+from fqgan_jax.architecture import merge_model
+from fqgan_jax.atomic_file import atomic_write
+from fqgan_jax.data.pixels import images_to_float, to_uint8
+from fqgan_jax.eval import image_grid
 
 FILLS = ("zeros", "mean")
 
@@ -68,7 +66,7 @@ def single_codebook_reconstructions(model, images: jax.Array, fill: str = "zeros
     Row 0 is the full reconstruction (equal to `model(images)[0]`), row 1+i the reconstruction from
     sub-codebook i alone (branch `model.branch_names[i]`). Deterministic (no dropout rngs).
     """
-    codes = model.encode(images).codes
+    codes = model.encode(images).quantized
     variants = [codes] + [only_codebook(codes, i, fill) for i in range(model.num_codebooks)]
     # One decode per variant rather than one (k+1)x batch: peak activation memory stays that of a
     # normal eval batch, and row 0 is exactly the ordinary forward pass.
@@ -83,7 +81,7 @@ def single_codebook_step(params, model_state, images: jax.Array, *, graphdef,
     """
     model = merge_model(graphdef, params, model_state)
     recon = single_codebook_reconstructions(model, images_to_float(images), fill)
-    return image_metrics.to_uint8(recon, legacy_offset=legacy_offset)
+    return to_uint8(recon, legacy_offset=legacy_offset)
 
 
 def single_codebook_grid(originals: np.ndarray, recon: np.ndarray, *,
@@ -187,14 +185,5 @@ def _save_scatter(embedding, labels, names, title, path) -> None:
     axes.set_title(title, fontsize=9)
     axes.set_xticks([])
     axes.set_yticks([])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            figure.savefig(f, format="png")
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_write(path) as f:
+        figure.savefig(f, format="png")

@@ -15,9 +15,8 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from fqgan_jax import hf_checkpoint, pretrained
-from fqgan_jax.models import clip_vision, dinov2
-from fqgan_jax.pretrained import PretrainedError
+from fqgan_jax.frozen import clip_vision, dinov2, weights
+from fqgan_jax.frozen.weights import PretrainedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +35,7 @@ class TeacherKind:
 
     def default_path(self) -> str:
         """Where a config with `path=""` looks: $FQGAN_JAX_WEIGHTS_DIR/<repo name>."""
-        return pretrained.default_path(self.hf_id.rsplit("/", 1)[-1])
+        return weights.default_path(self.hf_id.rsplit("/", 1)[-1])
 
     def how_to_get(self, path: str) -> str:
         return (f"Download it with: huggingface-cli download {self.hf_id} --include config.json "
@@ -109,7 +108,7 @@ def _snapshot_sizes(name: str, path: str) -> dict:
     """The architecture the snapshot's config.json describes, in `_comparable`'s fields."""
     spec = kind(name)
     try:
-        config = hf_checkpoint.read_config(path)
+        config = weights.read_config(path)
         if spec.family == "dinov2":
             return _comparable(dinov2.sizes_from_hf_config(config), "dinov2")
         sizes = clip_vision.sizes_from_hf_config(config)

@@ -1,0 +1,1 @@
+"""The tokenizer's training objective: reconstruction, VQ, disentanglement, InfoNCE and the GAN."""
