@@ -1,7 +1,7 @@
 r"""Train-step benchmark: step time, images/s, memory and FLOP utilization of the real step.
 
-Builds what `fqgan_jax/train.py` trains with (config checks, mesh, sharded state, frozen nets,
-the phased train step of `fqgan_jax/train_step.py`) and runs it on random uint8 images: no data
+Builds the run training builds (`fqgan_jax.training.build.build_run`: config checks, mesh,
+sharded state, frozen nets, the phased train step) and runs it on random uint8 images: no data
 pipeline, so this measures the step, not the input. Reported:
 
 * compile: seconds to lower and compile the step ahead of time, and XLA's

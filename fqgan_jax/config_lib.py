@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Frozen teachers of representation learning, one per taught branch (spec fqgan.md §3.1):
     # config.teachers.<branch> = teacher(kind, path). Empty here; configs/dual.py and triple.py
-    # add theirs. Kinds are in fqgan_jax/teachers.py; path "" looks in the weights dir.
+    # add theirs. Kinds are in fqgan_jax/frozen/teachers.py; path "" looks in the weights dir.
     config.teachers = ml_collections.ConfigDict()
 
     # PatchGAN and its losses (spec fqgan.md §4.1-4.2). Steps count updates from 1, as the
@@ -144,12 +144,12 @@ def base_config() -> ml_collections.ConfigDict:
         grid_images=8,
         ssim_data_range=1.0,  # the official code used 2.0 on [0, 1] images (spec §5.1)
         legacy_uint8_offset=False,  # True: official clamp(127.5 x + 128) conversion
-        # FQGAN Figures 3-4 (fqgan_jax/codebook_analysis.py), written with every eval:
+        # FQGAN Figures 3-4 (fqgan_jax/eval/codebook_analysis.py), written with every eval:
         single_codebook_images=8,  # rows of the original | all | only-i grid; 0 = none
         single_codebook_fill="zeros",  # what replaces the other sub-codes: "zeros" | "mean"
         tsne_points=2000,  # codebook entries per sub-codebook in the t-SNE plot; 0 = no plot
         tsne_used_only=False,  # True: only codes used on the eval set
-        # rFID and IS (fqgan_jax/inception_metrics.py; README "Evaluation protocol"):
+        # rFID and IS (fqgan_jax/eval/inception_metrics.py; README "Evaluation protocol"):
         inception_weights="",  # converted FID Inception; "" = the weights dir, and if it is not
         # there, eval runs without rFID / IS and says so
         fid_reference="",  # "" = vs the eval originals (FQGAN rFID); or a mu/sigma .npz
@@ -176,7 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def teacher(kind: str, path: str = "") -> ml_collections.ConfigDict:
-    """One `config.teachers.<branch>` entry: a kind of fqgan_jax/teachers.py and where its
+    """One `config.teachers.<branch>` entry: a kind of fqgan_jax/frozen/teachers.py and where its
     Hugging Face snapshot is ("" = $FQGAN_JAX_WEIGHTS_DIR/<repo name>, else ~/.cache/fqgan_jax)."""
     return ml_collections.ConfigDict(dict(kind=kind, path=path))
 

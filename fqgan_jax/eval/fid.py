@@ -1,7 +1,7 @@
 """Fréchet Inception Distance: Gaussian moments streamed on the devices, the distance on the host.
 
 FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) between the Gaussians fitted to two
-sets of pool3 features (`models/inception.py`). `frechet_distance` is pytorch-fid's
+sets of pool3 features (`frozen/inception.py`). `frechet_distance` is pytorch-fid's
 `calculate_frechet_distance` (scipy's `sqrtm`, the same fallbacks), or optionally a faster
 symmetric-eigenvalue form of the same trace; the moments never need the features held at once:
 

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from fqgan_jax.sharding import FSDP_AXIS
+
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 
 # A codebook chunk is never made smaller than this; below it we block over rows instead, because
@@ -189,7 +191,7 @@ def nearest_code_and_distance(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> tuple[jax.Array, jax.Array]:
     """`nearest_code`'s (int32 [N] index, float32 [N] distance up to a per-row constant): the
-    distance lets searches over disjoint codebook shards be merged (codebook_sharding.py)."""
+    distance lets searches over disjoint codebook shards be merged (`sharded_nearest_code`)."""
     check_rows_and_codebook(z, codebook, "nearest_code")
     # Indices are not differentiable; cutting the tangents keeps autodiff out of the scan.
     z = lax.stop_gradient(jnp.asarray(z, jnp.float32))
@@ -226,7 +228,7 @@ def context_axis_size(axis: str) -> int:
     return dict(mesh.shape)[axis]
 
 
-def sharded_nearest_code(z: jax.Array, codebook: jax.Array, *, axis: str = "fsdp",
+def sharded_nearest_code(z: jax.Array, codebook: jax.Array, *, axis: str = FSDP_AXIS,
                          normalized: bool = False,
                          memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
                          mesh=None) -> jax.Array:

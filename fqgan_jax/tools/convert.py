@@ -1,4 +1,5 @@
-"""Converts official PyTorch weights into fqgan_jax weights files (format: fqgan_jax.frozen.weights).
+"""Converts official PyTorch weights into fqgan_jax weights files (the .npz format of
+fqgan_jax.frozen.weights).
 
     python -m fqgan_jax.tools.convert lpips --vgg16=vgg16-397923af.pth [--lin=vgg.pth] [--out=PATH]
     python -m fqgan_jax.tools.convert inception --pth=pt_inception-2015-12-05-6726825d.pth \
@@ -16,7 +17,8 @@ pt_inception-2015-12-05-6726825d.pth), not torchvision's ImageNet inception_v3, 
 converter recognises and refuses. --out defaults to fid_inception_v3.npz in the same directory.
 
 Only this conversion needs torch; training and evaluation read the .npz alone. The CLIP and
-DINOv2 teachers need no conversion: they load from Hugging Face snapshots (fqgan_jax/frozen/teachers.py).
+DINOv2 teachers need no conversion: they load from Hugging Face snapshots
+(fqgan_jax/frozen/teachers.py).
 """
 
 from __future__ import annotations

@@ -50,11 +50,11 @@ def setup(config, workdir: str) -> Loop:
     """Validates config, weight files, data and workdir before anything is compiled."""
     run = build_run(config)
     config = run.config
+    inception = inception_metrics.load(config, run.mesh)  # a bad file stops us before any write
     for split in ("train", "eval"):
         data.make_source(config.data, split)  # raises DataError on missing data, early
     logging.info("data: %s", data.describe(config.data))
     checkpointing.check_config_matches(workdir, config)
-    inception = inception_metrics.load(config, run.mesh)  # a bad file stops us before any write
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -107,25 +107,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
             iterator.close()
 
 
-def _loop(run: Loop, state, meta, iterator, step_fn) -> dict:
-    config = run.config
+def _loop(loop: Loop, state, meta, iterator, step_fn) -> dict:
+    config = loop.config
     step = int(jax.device_get(state.step))
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
-                                             writer=run.writer, every_steps=config.train.log_every)]
-    last_eval = _maybe_eval(run, state, step, force=step == 0)
-    pending_streak, grid_inputs = None, _grid_inputs(run)
+                                             writer=loop.writer,
+                                             every_steps=config.train.log_every)]
+    last_eval = _maybe_eval(loop, state, step, force=step == 0)
+    pending_streak, grid_inputs = None, _grid_inputs(loop)
     counters = DataCounters(meta)
-    profiler = StepProfiler(run.workdir, config.train.profile_first_step,
+    profiler = StepProfiler(loop.workdir, config.train.profile_first_step,
                             config.train.profile_steps)
     while step < config.train.num_steps:
         profiler.before(step + 1)
         batch = next(iterator)
         counters.add(batch)
         inputs = sharding.to_global_batch({"image": batch["image"]},
-                                          sharding.batch_sharding(run.mesh))
+                                          sharding.batch_sharding(loop.mesh))
         if step_fn.phase(step) != step_fn.phase(step - 1):
             logging.info("step %d: adversarial phase %s begins", step + 1, step_fn.phase(step))
-        state, metrics = step_fn.at(step)(state, inputs, run.frozen)
+        state, metrics = step_fn.at(step)(state, inputs, loop.run.frozen)
         step += 1
         profiler.after(step, state)
         if pending_streak is not None:  # read one step late so the device queue stays full
@@ -138,16 +139,16 @@ def _loop(run: Loop, state, meta, iterator, step_fn) -> dict:
         save = step % config.train.checkpoint_every == 0 or is_last
         totals = counters.totals() if log or save else None  # a collective: once per step
         if log:
-            _log_metrics(run, step, metrics, totals)
+            _log_metrics(loop, step, metrics, totals)
         if step % config.train.image_every == 0:
-            _write_train_grid(run, state, step, grid_inputs)
+            _write_train_grid(loop, state, step, grid_inputs)
         if step % config.train.eval_every == 0 or is_last:
-            last_eval = _maybe_eval(run, state, step, force=True)
+            last_eval = _maybe_eval(loop, state, step, force=True)
         if save:
             _check_finite(int(state.nonfinite_streak), config)
-            run.checkpointer.save(step, state, iterator, totals)
+            loop.checkpointer.save(step, state, iterator, totals)
     profiler.after(None, state)  # a run that ends inside the window still writes its trace
-    run.checkpointer.wait()
+    loop.checkpointer.wait()
     return last_eval
 
 
@@ -183,11 +184,11 @@ def _check_finite(streak: int, config) -> None:
             "config.optimizer.learning_rate, add warmup, or use model.dtype='float32'.")
 
 
-def _log_metrics(run: Loop, step: int, metrics, totals: dict) -> None:
+def _log_metrics(loop: Loop, step: int, metrics, totals: dict) -> None:
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     scalars["data/skipped_images"] = totals["num_skipped_images"]
     scalars["data/converted_images"] = totals["num_converted_images"]
-    run.writer.write_scalars(step, scalars)
+    loop.writer.write_scalars(step, scalars)
 
 
 class DataCounters:
@@ -215,35 +216,36 @@ class DataCounters:
         return dict(zip(self.KEYS, (self.restored + counts).tolist()))
 
 
-def _maybe_eval(run: Loop, state, step: int, *, force: bool):
-    path = os.path.join(run.workdir, "eval", f"{step}.json")
+def _maybe_eval(loop: Loop, state, step: int, *, force: bool):
+    path = os.path.join(loop.workdir, "eval", f"{step}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     if not force:
         return None
-    return evaluate.evaluate(run.config, state.params_for_eval(), state.model_state, eval_fn=run.eval_fn,
-                             analysis_fn=run.analysis_fn, inception=run.inception,
-                             mesh=run.mesh, step=step, workdir=run.workdir, writer=run.writer)
+    return evaluate.evaluate(loop.config, state.params_for_eval(), state.model_state,
+                             eval_fn=loop.eval_fn, analysis_fn=loop.analysis_fn,
+                             inception=loop.inception, mesh=loop.mesh, step=step,
+                             workdir=loop.workdir, writer=loop.writer)
 
 
-def _grid_inputs(run: Loop) -> dict:
+def _grid_inputs(loop: Loop) -> dict:
     """The fixed held-out batch whose reconstructions are written every `image_every` steps."""
-    config = run.config
+    config = loop.config
     per_process = config.eval.batch_size // jax.process_count()
     batch = next(iter(data.make_eval_batches(
         config.data, batch_size=per_process, num_images=config.eval.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())))
     return sharding.to_global_batch({"image": np.array(batch["image"]), "mask": batch["mask"]},
-                                    sharding.batch_sharding(run.mesh))
+                                    sharding.batch_sharding(loop.mesh))
 
 
-def _write_train_grid(run: Loop, state, step: int, inputs: dict) -> None:
+def _write_train_grid(loop: Loop, state, step: int, inputs: dict) -> None:
     """Reconstructions of a fixed held-out batch, for watching progress."""
-    recon = sharding.gather_to_host(run.eval_fn(state.params, state.model_state, inputs)["recon"])
+    recon = sharding.gather_to_host(loop.eval_fn(state.params, state.model_state, inputs)["recon"])
     images = sharding.gather_to_host(inputs["image"])  # every process joins; process 0 writes
-    count = run.config.eval.grid_images
+    count = loop.config.eval.grid_images
     grid = image_grid.make_grid([images[:count], recon[:count]])
     if jax.process_index() == 0:
-        image_grid.save_png(grid, os.path.join(run.workdir, "images", f"{step}.png"))
-        run.writer.write_images(step, {"train/reconstructions": grid[None]})
+        image_grid.save_png(grid, os.path.join(loop.workdir, "images", f"{step}.png"))
+        loop.writer.write_images(step, {"train/reconstructions": grid[None]})
