@@ -17,11 +17,16 @@ from fqgan_jax.models import Tokenizer
 from fqgan_jax.models.discriminator import PatchDiscriminator
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Tokenizer:
-    """The tokenizer, with a feature-prediction head per taught branch, sized by its teacher."""
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *,
+                 dtype: str | None = None) -> Tokenizer:
+    """The tokenizer, with a feature-prediction head per taught branch, sized by its teacher;
+    computing in `dtype` (default config.model.dtype; params are float32 either way)."""
     widths = {branch: teachers.kind(name).width
               for branch, name in config_lib.taught_branches(config).items()}
-    return Tokenizer.from_config(config.model, image_size=config.data.image_size, rngs=rngs,
+    model_config = config.model
+    if dtype is not None and dtype != model_config.dtype:
+        model_config = ml_collections.ConfigDict({**model_config.to_dict(), "dtype": dtype})
+    return Tokenizer.from_config(model_config, image_size=config.data.image_size, rngs=rngs,
                                  teacher_widths=widths)
 
 
@@ -36,8 +41,15 @@ def graphdef(build) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param, ...)[0]
 
 
-def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
-    return graphdef(lambda rngs: create_model(config, rngs))
+def model_graphdef(config: ml_collections.ConfigDict, *, dtype: str | None = None
+                   ) -> nnx.GraphDef:
+    return graphdef(lambda rngs: create_model(config, rngs, dtype=dtype))
+
+
+def eval_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+    """The tokenizer as eval and inference run it: in config.eval.dtype (float32 by default,
+    as the official evaluation), whatever dtype it trained in."""
+    return model_graphdef(config, dtype=config.eval.dtype)
 
 
 def abstract_model_variables(config: ml_collections.ConfigDict) -> tuple[nnx.State, nnx.State]:

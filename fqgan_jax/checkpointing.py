@@ -103,6 +103,25 @@ class Checkpointer:
         self._manager.close()
 
 
+def locate_workdir(path: str) -> tuple[str, int | None]:
+    """(workdir, step or None for the latest) of a workdir, its checkpoints/ folder or one step
+    folder inside it."""
+    path = os.path.abspath(path)
+    for candidate, step in ((path, None), (os.path.dirname(path), None),
+                            (os.path.dirname(os.path.dirname(path)), os.path.basename(path))):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate, int(step) if step is not None and step.isdigit() else None
+    raise CheckpointError(
+        f"{path} is not a fqgan_jax workdir: no config.json found there or in its parents. Pass "
+        "the --workdir of a training run, its checkpoints/ folder, or a step folder inside it.")
+
+
+def read_config(workdir: str):
+    """The config a workdir's run was trained with (its config.json), on the current schema."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return config_lib.config_from_dict(json.load(f))
+
+
 def check_config_matches(workdir: str, config) -> None:
     """Refuses to resume a workdir whose saved model/loss config differs from this one."""
     path = os.path.join(workdir, "config.json")

@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
         adaptive_weight_max=1e4,
         lecam_weight=0.0,  # Open-MAGVIT2: 0.05
         lecam_decay=0.999,
+        # True: the official D optimizer, stepped (with a zero loss) from step 1, so its Adam
+        # step count is the global step and its first real updates are damped (README
+        # "Departures"); False: D's Adam starts fresh when D starts training.
+        official_disc_adam_count=False,
         ndf=64,
         n_layers=3,  # VQGAN-LC: 2
     ))
@@ -118,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
         usage_window_steps=100,  # running usage: codes assigned within this many steps
         profile_steps=0,  # > 0: a jax.profiler trace of that many steps in WORKDIR/profile
         profile_first_step=10,  # 1-based; later than 1 keeps compilation out of the trace
+        # Fine-tuning: a workdir (its latest checkpoint) or one step folder of it whose model
+        # (and discriminator, when both have one) starts this run, with fresh optimizers at step
+        # 0. Read only when this run's workdir has no checkpoint yet. "" = from scratch.
+        init_from="",
     ))
 
     config.data = ml_collections.ConfigDict(dict(
@@ -144,6 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
         grid_images=8,
         ssim_data_range=1.0,  # the official code used 2.0 on [0, 1] images (spec §5.1)
         legacy_uint8_offset=False,  # True: official clamp(127.5 x + 128) conversion
+        dtype="float32",  # eval and load_tokenizer compute dtype, as the official evaluation;
+        # training computes in model.dtype (bf16 moved 5-7% of code indices on the same weights)
         # FQGAN Figures 3-4 (fqgan_jax/eval/codebook_analysis.py), written with every eval:
         single_codebook_images=8,  # rows of the original | all | only-i grid; 0 = none
         single_codebook_fill="zeros",  # what replaces the other sub-codes: "zeros" | "mean"
@@ -290,6 +300,7 @@ _CHOICES = {
     "eval.single_codebook_fill": ("zeros", "mean"),
     "eval.fid_preprocess": ("pytorch_fid", "tf1"),
     "eval.fid_method": ("sqrtm", "eigh"),
+    "eval.dtype": ("float32", "bfloat16"),
 }
 
 

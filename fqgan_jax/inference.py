@@ -12,9 +12,6 @@ are used when the run kept them.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,18 +19,6 @@ import numpy as np
 from fqgan_jax import architecture, checkpointing, config_lib, sharding
 from fqgan_jax.data.pixels import images_to_float, to_uint8
 from fqgan_jax.eval import codebook_analysis
-
-
-def _locate(path: str) -> tuple[str, int | None]:
-    """Returns (workdir, step or None for the latest)."""
-    path = os.path.abspath(path)
-    for candidate, step in ((path, None), (os.path.dirname(path), None),
-                            (os.path.dirname(os.path.dirname(path)), os.path.basename(path))):
-        if os.path.isfile(os.path.join(candidate, "config.json")):
-            return candidate, int(step) if step is not None and step.isdigit() else None
-    raise checkpointing.CheckpointError(
-        f"{path} is not a fqgan_jax workdir: no config.json found there or in its parents. Pass "
-        "the --workdir of a training run, its checkpoints/ folder, or a step folder inside it.")
 
 
 class Tokenizer:
@@ -44,7 +29,7 @@ class Tokenizer:
         self.num_codebooks = len(config.model.branches)
         self.codebook_size = config.model.codebook_size
         self.downsample = 2 ** (len(config.model.ch_mult) - 1)
-        graphdef = architecture.model_graphdef(config)
+        graphdef = architecture.eval_graphdef(config)  # config.eval.dtype: float32 by default
         merge = architecture.merge_model
         self._encode = jax.jit(lambda p, s, x: merge(graphdef, p, s).encode(
             images_to_float(x)).indices)
@@ -99,9 +84,8 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    workdir, step = _locate(path)
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = config_lib.config_from_dict(json.load(f))
+    workdir, step = checkpointing.locate_workdir(path)
+    config = checkpointing.read_config(workdir)
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
     params, model_state, _ = checkpointing.restore_model(workdir, config, mesh, step=step)
     return Tokenizer(config, params, model_state)

@@ -49,6 +49,8 @@ def main(argv):
     run_log.configure(_LOG.value)
     # TensorFlow (imported by clu's writers and tfds) must never take the accelerators.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow only reads files here (tfds, TensorBoard); its oneDNN notices are noise.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import jax  # noqa: PLC0415
     if _DISTRIBUTED.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

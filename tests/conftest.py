@@ -80,7 +80,7 @@ def trained_workdir(tmp_path_factory):
     config = make_tiny_config(**{"loss.semantic_weight": 0.5,
                                  "loss.infonce_negatives": "global",
                                  "eval.single_codebook_images": 8, "eval.tsne_points": 64,
-                                 "loop.profile_steps": 1, "loop.profile_first_step": 2})
+                                 "train.profile_steps": 1, "train.profile_first_step": 2})
     result = loop.train_and_evaluate(config, str(workdir))
     return workdir, result
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from conftest import make_step, make_tiny_config
 from flax import nnx
@@ -133,7 +134,8 @@ def test_generators_pass_through_d_leaves_its_statistics_alone(stepper):
     config, components = stepper.config, stepper.components
     state, inputs = stepper.state(step=5), stepper.inputs()
     images = inputs["image"].astype(jnp.float32) / 127.5 - 1
-    recon, _ = architecture.merge_model(components.graphdef, state.params, state.model_state)(images)
+    model = architecture.merge_model(components.graphdef, state.params, state.model_state)
+    recon, _ = model(images)
     expected, _ = jax.jit(lambda d, x, r: adversarial.discriminator_update(
         d, x, r, disc_graphdef=components.disc_graphdef,
         disc_tx=components.disc_tx, gan=config.gan))(state.disc, images, recon)
@@ -318,3 +320,51 @@ def test_nonfinite_discriminator_skips_the_whole_update(stepper):
 def test_bad_gan_config_is_refused(tiny_config, override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.check_config(tiny_config(**override), 1)
+
+
+def _disc_update_delta(config, step):
+    """How one discriminator update moves its params, from a fresh D, at train step `step`."""
+    components = ts.make_components(config)
+    state = ts.initial_state(config, components, jax.random.key(0))
+    images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+    recon = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3), minval=-1, maxval=1)
+    new, _ = jax.jit(lambda d: adversarial.discriminator_update(
+        d, images, recon, disc_graphdef=components.disc_graphdef, disc_tx=components.disc_tx,
+        gan=config.gan, step=jnp.int32(step)))(state.disc)
+    return np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
+        jax.tree.leaves(_pure(new.params)), jax.tree.leaves(_pure(state.disc.params)))])
+
+
+def test_official_disc_adam_count_damps_the_first_updates_as_bias_correction_says(tiny_config):
+    """The official D optimizer has stepped (with zero loss, so zero moments) since step 1: its
+    first real update at train step S uses Adam's bias correction for count S + 1."""
+    config = tiny_config()
+    opt = config.gan.optimizer
+    step = 19_999  # the official disc_start = 20,000 is global step step + 1
+    fresh = _disc_update_delta(config, step)  # default: D's Adam starts at count 1
+    config.gan.official_disc_adam_count = True
+    official = _disc_update_delta(config, step)
+    # Count 1: m_hat = g, v_hat = g^2, so a parameter moves by lr |g| / (|g| + eps): by lr
+    # where |g| >> eps, which is where the ratio below is exact to ~1e-4.
+    moved = np.abs(fresh) > (1 - 1e-4) * opt.learning_rate
+    assert moved.mean() > 0.9
+    assert np.all(np.abs(fresh) <= opt.learning_rate * (1 + 1e-5))
+    count = step + 1
+    damping = ((1 - opt.b1) / (1 - opt.b1 ** count)) / np.sqrt((1 - opt.b2) / (1 - opt.b2 ** count))
+    np.testing.assert_allclose(official[moved] / fresh[moved], damping, rtol=1e-3)
+    assert damping == pytest.approx(0.447, abs=1e-3)  # the issue's first factor
+
+
+def test_official_disc_adam_count_sequence_under_a_constant_gradient():
+    """0.45, 0.61, 0.72, 0.80, 0.86 x lr: the damping of the first five real D updates."""
+    config = make_tiny_config()
+    config.gan.official_disc_adam_count = True
+    tx = ts.make_optimizer(config.gan.optimizer,
+                           ts.learning_rate_schedule(config.gan.optimizer, 100))
+    params = {"w": jnp.zeros((3,))}
+    opt_state, grads, steps = tx.init(params), {"w": jnp.full((3,), 0.1)}, []
+    for step in range(19_999, 20_004):
+        opt_state = optax.tree_utils.tree_set(opt_state, count=jnp.int32(step))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        steps.append(float(-updates["w"][0]) / config.gan.optimizer.learning_rate)
+    np.testing.assert_allclose(steps, [0.447, 0.608, 0.718, 0.800, 0.861], atol=2e-3)

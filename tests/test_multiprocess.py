@@ -68,7 +68,8 @@ def test_two_processes_train_checkpoint_and_restore_on_one(tmp_path):
     # A preempted pod job resuming on a smaller slice: 2 hosts -> 1, mesh (4, 2) -> (2, 2).
     resumed = subprocess.run(
         [sys.executable, "-m", "fqgan_jax.main", *run, "--config.train.num_steps=6"], cwd=REPO,
-        text=True, capture_output=True, timeout=600, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        text=True, capture_output=True, timeout=600,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
         stdin=subprocess.DEVNULL)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restored checkpoint {workdir}/checkpoints/4" in resumed.stderr

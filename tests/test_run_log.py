@@ -118,7 +118,8 @@ def test_all_or_debug_verbosity_shows_everything(level, lines):
     with root_collecting(level) as records:
         run_log.configure(run_log.RUN)
         assert run_log.configure(lines) is None  # and configuring again replaces the filter
-        assert not any(isinstance(f, run_log.RunLinesOnly) for f in logging.root.handlers[0].filters)
+        filters = logging.root.handlers[0].filters
+        assert not any(isinstance(f, run_log.RunLinesOnly) for f in filters)
         log_from(ORBAX, absl_logging.info, "orbax info")
         log_from(XLA_BRIDGE, jax_logger.info, "jax info")
         log_from(FQGAN, absl_logging.info, "ours")

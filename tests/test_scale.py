@@ -216,7 +216,8 @@ def test_remat_recomputes_blocks_with_the_same_gradients():
 
     def jaxpr(remat):
         config = make_tiny_config(**{"model.remat": remat})
-        graphdef, params, rest = nnx.split(architecture.create_model(config, nnx.Rngs(0)), nnx.Param, ...)
+        model = architecture.create_model(config, nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         images = jnp.zeros((1, 32, 32, 3))
         loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(images)[0])  # noqa: E731
         return str(jax.make_jaxpr(jax.grad(loss))(params))

@@ -69,7 +69,7 @@ def test_train_and_evaluate_writes_everything(trained_workdir):
     assert result["step"] == 4
     assert (workdir / "images" / "2.png").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
-    # The jax.profiler trace of step 2 (loop.profile_steps=1, profile_first_step=2).
+    # The jax.profiler trace of step 2 (train.profile_steps=1, profile_first_step=2).
     traces = [f for _, _, files in os.walk(workdir / "profile") for f in files]
     assert any(f.endswith(".xplane.pb") for f in traces), traces
     assert (workdir / "config.json").exists()

@@ -181,6 +181,7 @@ def _protocol(config, num_images: int, inception) -> dict:
             "crop": "center (ADM center_crop_arr: box-halve, bicubic short side, center crop)",
             "value_range": "uint8 [0, 255] in; the model sees x / 127.5 - 1",
             "ssim_data_range": config.eval.ssim_data_range,
+            "dtype": config.eval.dtype,  # the model's compute dtype in eval
             "uint8": "legacy +128" if config.eval.legacy_uint8_offset else "round",
             "usage": "exact: distinct codes over all eval images / K, per sub-codebook",
             "fid": inception_metrics.protocol(inception, config.eval)}
@@ -216,7 +217,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     checkpointing.check_config_matches(workdir, config)
     inception = inception_metrics.load(config, mesh)  # a bad file stops us before restoring
     params, model_state, step = checkpointing.restore_model(workdir, config, mesh)
-    graphdef = architecture.model_graphdef(config)
+    graphdef = architecture.eval_graphdef(config)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     try:
         return evaluate(config, params, model_state, eval_fn=compile_eval_step(

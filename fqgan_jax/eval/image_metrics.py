@@ -1,4 +1,4 @@
-"""Per-image reconstruction metrics (PSNR, SSIM), in jittable JAX (uint8 conversion: data/pixels.py).
+"""Per-image reconstruction metrics (PSNR, SSIM) in jittable JAX; uint8 conversion: data/pixels.py.
 
 Everything here is batch-first ([B, H, W, C], channels last), computed in float32, free of host
 callbacks, and therefore usable inside a jitted (and batch-sharded) eval step. Each metric returns

@@ -9,10 +9,14 @@ a file converted for one network from being loaded into another whose parameters
 some names. `load` checks every key and shape against the model before anything compiles.
 
 Official checkpoints, read without transformers or a hub: a PyTorch `.pth`/`.bin` state dict
-(`read_torch_state_dict`, the only place torch is needed), a `.safetensors` file (parsed here: an
-8-byte header length, a JSON header, raw little-endian buffers, so bfloat16 loads too), and Hugging
-Face snapshot directories (config.json + model.safetensors, a sharded index, or pytorch_model.bin),
-from which the teachers load directly.
+(`read_torch_state_dict`) or training checkpoint (`read_torch_checkpoint`: FQGAN's {"model",
+"discriminator", "args", ...}), a `.safetensors` file (parsed here: an 8-byte header length, a
+JSON header, raw little-endian buffers, so bfloat16 loads too), and Hugging Face snapshot
+directories (config.json + model.safetensors, a sharded index, or pytorch_model.bin), from which
+the teachers load directly. Both PyTorch readers go through `_torch_load`, the one torch.load of
+the package: weights_only=True, so unpickling builds tensors and plain containers only, plus an
+allow-list of exactly the objects a training checkpoint needs (argparse.Namespace); a file that
+needs anything else is refused with a message that says how to re-save it.
 
 The torch -> Flax fill. `fill_params` puts a torch state dict into a network's shape-only
 parameters through the network's own key table, transposing kernels (`torch_to_flax`), and reports
@@ -23,8 +27,10 @@ Every failure is a `PretrainedError` that names the file, what is wrong, and how
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import struct
 import zipfile
 
@@ -157,6 +163,12 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_}
 
 
+# What a training checkpoint may hold besides tensors and plain containers (dicts, lists, numbers,
+# strings): the argparse Namespace of its run, which FQGAN and LlamaGen save as "args". Nothing
+# else: unpickling any other global can run code (weights_only=True refuses it).
+TRAINING_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
 def read_torch_state_dict(path: str, *, flag: str = "") -> dict[str, np.ndarray]:
     """The arrays of a PyTorch state-dict file (.pth, .bin): floating tensors as float32, others
     (e.g. BatchNorm's num_batches_tracked) as they are. A training checkpoint's
@@ -164,6 +176,40 @@ def read_torch_state_dict(path: str, *, flag: str = "") -> dict[str, np.ndarray]
     so that a command-line user knows which argument to fix."""
     where = f"{flag}: " if flag else ""
     path = os.path.expanduser(path)  # `--vgg16=~/x.pth`: the shell leaves that ~ alone
+    state = _torch_load(path, where)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not _is_tensor_dict(state):
+        raise PretrainedError(
+            f"{where}{path} holds a {type(state).__name__}, not a state dict of tensors.")
+    return _tensors_to_numpy(state)
+
+
+def read_torch_checkpoint(path: str, *, flag: str = "") -> dict[str, object]:
+    """The top-level dict of a PyTorch training checkpoint, e.g. FQGAN's {"model", "ema",
+    "discriminator", "optimizer", "steps", "args"}, or a bare state dict. Every value that is a
+    state dict of tensors comes back as {name: numpy array} (as `read_torch_state_dict`), a
+    tensor as an array; other values (an optimizer state, the args Namespace) as loaded.
+
+    Unpickled with weights_only=True plus exactly `TRAINING_CHECKPOINT_GLOBALS`: a file that
+    needs any other Python object is refused with a PretrainedError that says how to re-save it.
+    """
+    where = f"{flag}: " if flag else ""
+    path = os.path.expanduser(path)
+    checkpoint = _torch_load(path, where, allowed_globals=TRAINING_CHECKPOINT_GLOBALS)
+    if not isinstance(checkpoint, dict):
+        raise PretrainedError(f"{where}{path} holds a {type(checkpoint).__name__}, not a "
+                              "checkpoint dict or a state dict of tensors.")
+    if _is_tensor_dict(checkpoint):
+        return _tensors_to_numpy(checkpoint)
+    return {key: _tensors_to_numpy(value) if _is_tensor_dict(value)
+            else _to_numpy(value) if _is_tensor(value) else value
+            for key, value in checkpoint.items()}
+
+
+def _torch_load(path: str, where: str, allowed_globals: tuple = ()) -> object:
+    """The one torch.load of fqgan_jax: weights_only=True (a .pth is a pickle, and unpickling an
+    arbitrary one can run code), with `allowed_globals` the only Python objects let through."""
     if not os.path.isfile(path):
         raise PretrainedError(f"{where}{path} does not exist.")
     try:
@@ -174,21 +220,52 @@ def read_torch_state_dict(path: str, *, flag: str = "") -> dict[str, np.ndarray]
             "PyTorch files need it: a converted .npz or a Hugging Face snapshot's "
             "model.safetensors loads without torch.)") from error
     try:
-        # weights_only: a .pth is a pickle, and unpickling an arbitrary one can run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (torch raises many kinds for a bad file)
-        # Only the first line: weights_only's refusals run to a page of advice.
-        reason = (str(error).splitlines() or [""])[0][:200]
-        raise PretrainedError(
-            f"{where}PyTorch cannot read {path} ({type(error).__name__}: {reason}); is it a "
-            "PyTorch state dict of tensors (.pth/.bin)?") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise PretrainedError(
-            f"{where}{path} holds a {type(state).__name__}, not a state dict of tensors.")
-    return {key: (value.detach().float() if value.is_floating_point() else value.detach())
-            .numpy() for key, value in state.items()}
+        raise _load_error(path, where, error, allowed_globals) from error
+
+
+def _load_error(path: str, where: str, error: Exception, allowed: tuple) -> PretrainedError:
+    """What torch.load's failure means for the user: a refused object, a broken file, or other."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        allowed_names = "".join(f", {cls.__module__}.{cls.__qualname__}" for cls in allowed)
+        return PretrainedError(
+            f"{where}{path} was refused for safety: unpickling it needs the Python object "
+            f"{refused.group(1)}, and a pickle's objects can run code when loaded (only "
+            f"tensors, plain containers{allowed_names} are allowed). If you trust the file, "
+            "re-save just its weights, e.g. python -c \"import torch; c = torch.load('IN', "
+            "weights_only=False); torch.save({'model': c['model']}, 'OUT')\", and use OUT.")
+    # Only the first line: torch's messages run to a page of advice.
+    reason = (text.splitlines() or [""])[0][:200]
+    if isinstance(error, EOFError) or re.search(r"zip archive|EOF|corrupt", text):
+        return PretrainedError(
+            f"{where}{path} is truncated or corrupt ({type(error).__name__}: {reason}; "
+            f"{os.path.getsize(path):,} bytes). Download or copy it again.")
+    return PretrainedError(
+        f"{where}PyTorch cannot read {path} ({type(error).__name__}: {reason}); is it a "
+        "PyTorch state dict of tensors (.pth/.bin)?")
+
+
+def _is_tensor(value) -> bool:
+    import torch  # noqa: PLC0415 (already imported by _torch_load, which alone calls this)
+
+    return torch.is_tensor(value)
+
+
+def _is_tensor_dict(value) -> bool:
+    return isinstance(value, dict) and all(_is_tensor(v) for v in value.values())
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    """A floating tensor as float32 (bfloat16 has no numpy dtype), others as they are."""
+    return (tensor.detach().float() if tensor.is_floating_point() else tensor.detach()).numpy()
+
+
+def _tensors_to_numpy(state: dict) -> dict[str, np.ndarray]:
+    return {key: _to_numpy(value) for key, value in state.items()}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:

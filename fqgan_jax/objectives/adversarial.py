@@ -125,16 +125,24 @@ DISC_METRICS = ("disc/loss", "disc/hinge", "disc/lecam", "disc/logits_real", "di
                 "disc/grad_norm")
 
 
-def discriminator_update(disc_state, images, recon, *, disc_graphdef, disc_tx, gan):
+def discriminator_update(disc_state, images, recon, *, disc_graphdef, disc_tx, gan,
+                         step: jax.Array | None = None):
     """(new discriminator state, metrics).
 
     `recon` is this step's reconstruction from the generator phase, i.e. made before the
-    generator's update (spec fqgan.md §4.1).
+    generator's update (spec fqgan.md §4.1). `step` is the train step (updates before this
+    one), needed for `gan.official_disc_adam_count`.
     """
     grad_fn = jax.value_and_grad(_discriminator_loss, has_aux=True)
     (_, (batch_stats, ema, metrics)), grads = grad_fn(
         disc_state.params, disc_state, images, recon, disc_graphdef=disc_graphdef, gan=gan)
-    updates, opt_state = disc_tx.update(grads, disc_state.opt_state, disc_state.params)
+    opt_state = disc_state.opt_state
+    if gan.official_disc_adam_count:
+        # The official loop steps D's optimizer at every step from step 1, with a zero loss
+        # before disc_start: the moments stay 0 but Adam's count (and a schedule's) is the
+        # global step. Setting the counts to it is the same, without any compute before.
+        opt_state = optax.tree_utils.tree_set(opt_state, count=jnp.asarray(step, jnp.int32))
+    updates, opt_state = disc_tx.update(grads, opt_state, disc_state.params)
     params = optax.apply_updates(disc_state.params, updates)
     new_state = disc_state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
                                    lecam_ema=ema)

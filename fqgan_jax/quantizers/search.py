@@ -1,8 +1,8 @@
 """Exact nearest-code search: memory-bounded on one device, and over a codebook split across
 devices.
 
-* `nearest_code`: z [N, d] against codebook [K, d] -> the lowest-index nearest code, a matmul plus an
-  argmin that never builds a score block larger than `memory_budget_bytes`: above it the codebook
+* `nearest_code`: z [N, d] against codebook [K, d] -> the lowest-index nearest code, a matmul plus
+  an argmin that never builds a score block larger than `memory_budget_bytes`: above it the codebook
   is scanned in chunks (and rows blocked when even a minimal chunk is too big). At K = 262,144
   the N x K distance matrix of N = 16,384 tokens would be 16 GiB in float32 (spec
   large_codebooks.md §E.5.3).

@@ -17,8 +17,10 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from fqgan_jax import checkpointing, data, sharding
+from fqgan_jax import architecture, checkpointing, data, sharding
+from fqgan_jax.atomic_file import atomic_write
 from fqgan_jax.eval import evaluate, image_grid, inception_metrics
+from fqgan_jax.training import init_from
 from fqgan_jax.training.build import Run, build_run
 
 
@@ -59,7 +61,7 @@ def setup(config, workdir: str) -> Loop:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    graphdef = run.components.graphdef
+    graphdef = architecture.eval_graphdef(config)  # eval.dtype, not the training dtype
     return Loop(run=run, workdir=workdir,
                 checkpointer=checkpointing.Checkpointer(
                     os.path.join(workdir, "checkpoints"),
@@ -75,7 +77,10 @@ def restore_or_init(loop: Loop, data_iterator):
     """Returns (state, meta) from the latest checkpoint, or a fresh state."""
     step = loop.checkpointer.latest_step()
     if step is None:
-        return loop.run.init_state(), {"num_skipped_images": 0, "num_converted_images": 0}
+        state = loop.run.init_state()
+        if loop.config.train.init_from:  # fine-tuning: another run's weights, step 0
+            state = init_from.load(loop.run, loop.config.train.init_from, state)
+        return state, {"num_skipped_images": 0, "num_converted_images": 0}
     return loop.checkpointer.restore(step, loop.run.state_target, data_iterator)
 
 
@@ -91,10 +96,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     loop = setup(config, workdir)
     iterator = train_iterator(loop.config)
     state, meta = restore_or_init(loop, iterator)
-    parameter_overview.log_parameter_overview(state.params.to_pure_dict())
-    if state.disc is not None:
-        parameter_overview.log_parameter_overview(state.disc.params.to_pure_dict(),
-                                                  msg="discriminator")
+    _log_parameters(loop.workdir, state)
     # Every phase the run will reach, compiled now: a later phase that does not fit fails
     # before step 1 (each one's memory is logged).
     loop.run.compile_step_phases(int(jax.device_get(state.step)))
@@ -150,6 +152,26 @@ def _loop(loop: Loop, state, meta, iterator, step_fn) -> dict:
     profiler.after(None, state)  # a run that ends inside the window still writes its trace
     loop.checkpointer.wait()
     return last_eval
+
+
+def _log_parameters(workdir: str, state) -> None:
+    """One line per network with its parameter count by top-level module; the full tables
+    (shapes, dtypes, statistics) go to WORKDIR/parameters.txt rather than to the log."""
+    networks = {"tokenizer": state.params}
+    if state.disc is not None:
+        networks["discriminator"] = state.disc.params
+    path = os.path.join(workdir, "parameters.txt")
+    tables = []
+    for name, params in networks.items():
+        params = jax.device_get(params.to_pure_dict())
+        tables.append(f"{name}\n{parameter_overview.get_parameter_overview(params)}\n")
+        sizes = {module: sum(leaf.size for leaf in jax.tree.leaves(tree))
+                 for module, tree in params.items()}
+        logging.info("%s: %s parameters (%s); table in %s", name, f"{sum(sizes.values()):,}",
+                     ", ".join(f"{module} {size:,}" for module, size in sizes.items()), path)
+    if jax.process_index() == 0:
+        with atomic_write(path, "w") as f:
+            f.write("\n".join(tables))
 
 
 class StepProfiler:

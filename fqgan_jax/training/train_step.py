@@ -138,7 +138,7 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, components: Comp
         if phase.discriminator:
             new_disc, disc_metrics = adversarial.discriminator_update(
                 state.disc, images, recon, disc_graphdef=components.disc_graphdef,
-                disc_tx=components.disc_tx, gan=config.gan)
+                disc_tx=components.disc_tx, gan=config.gan, step=state.step)
             finite &= jnp.isfinite(disc_metrics["disc/loss"]) & _all_finite(
                 (new_disc.params, new_disc.batch_stats))
         disc_metrics["disc/active"] = jnp.int32(phase.discriminator)

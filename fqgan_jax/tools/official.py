@@ -1,0 +1,680 @@
+"""The official PyTorch tokenizer checkpoint format (FQGAN, LlamaGen), in and out.
+
+    python -m fqgan_jax.tools.convert official --ckpt=fqgan_dual_ds16.pt \
+        --config=configs/dual.py --workdir=DIR [--use_ema]
+    python -m fqgan_jax.tools.convert export --workdir=DIR --out=model.pt [--step=N]
+
+The files (spec fqgan.md §7) are torch pickles: a training checkpoint {"model", maybe "ema",
+"state_dict", "discriminator", "optimizer", "optimizer_disc", "steps", "args"}, or a bare state
+dict. They are read by `weights.read_torch_checkpoint` (weights_only=True, argparse.Namespace
+the only object allowed), never by an unrestricted unpickler. Torch is imported only by that
+reader and by `write_torch_checkpoint`; training never needs it.
+
+In (`import_checkpoint`). The tokenizer weights are "model" ("ema" with use_ema; a bare state
+dict or "state_dict" also do); the PatchGAN's come from "discriminator" when there is one,
+BatchNorm running statistics included. Before anything is written:
+- the architecture is read off the keys and shapes (`infer_architecture`: branches from the
+  quantize*/quant_conv* keys, ds16/ds8 from the encoder's levels, every width from a shape) and
+  compared with the config; each difference is named with its fix (the official config file and
+  preset for an official layout, else the --config.model overrides). Not in the shapes, so taken
+  from the config: adapter_heads (official: 8) and the feature heads' depth and heads (3, 8);
+- then every key must fill exactly one parameter of the config's model
+  (`weights.fill_params`, which names missing, unexpected and wrong-shape keys).
+`codebook_used` buffers are dropped (the spec says so: a rolling usage window, not a weight), as
+is BatchNorm's `num_batches_tracked` (torch reads it only when momentum is None; taming's is 0.1).
+
+Feature-prediction heads are training-only: encode and decode never read them. A head in the file
+is imported when the config teaches that branch (loss.semantic_weight > 0 and a teacher of the
+head's width). A head the config does not train is DROPPED with a printed note, not refused:
+that is what the official code does itself (its code-extraction and reconstruction scripts build
+the tokenizer without heads and load with strict=False), and it is exactly what a user who
+evaluates, or fine-tunes without representation learning (--config.loss.semantic_weight=0),
+means; refusing would force them to fake teachers they do not use. A head of another width than
+the config's teacher is refused (the teacher kind is wrong), and so is a head the config trains
+but the file lacks (LlamaGen files, inference-only exports): no weights to start it from, and a
+silently random head would be a surprise; the message gives both fixes. Likewise the
+discriminator: a config without a GAN (gan.weight 0) drops the file's with a note, and a config
+with one starts from a fresh discriminator (with a note) when the file has none.
+
+The workdir gets config.json (the config as given: weight files are not looked for, since writing
+the checkpoint needs neither LPIPS nor the teachers) and an orbax checkpoint at step 0 holding a
+whole TrainState from `build_run(config, frozen={})`: fresh optimizer states and counters, the
+imported params (also as ema_params when the config keeps an EMA) and discriminator, and the
+data position 0. `load_tokenizer(DIR)`, `--mode=eval` and `--mode=train` (which starts at step 0
+from these weights) read it like any run's.
+
+Out (`export_checkpoint`). The inverse: {"model": state_dict} of the workdir's params, plus "ema"
+when the run keeps an EMA (the official training checkpoint's layout: official eval scripts prefer
+"ema") and "discriminator" when the state has one, in the official key names and torch layouts.
+`codebook_used` is written as the float32 zeros the official module registers ([65536], or
+[K + 1] for K >= 65536 as FVQ does) and `num_batches_tracked` as int64 0, so the official code's
+strict load_state_dict accepts the file. Importing an export gives back the same arrays, bit for
+bit.
+
+FVQ (large_codebooks.md §B): its exported checkpoints have LlamaGen's layout with code_dim 256
+and no l2-normalized search: --config=configs/vqgan.py --config.model.code_dim=256
+--config.model.l2_normalize=False (plus --config.model.codebook_size=65536 or 262144).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fqgan_jax import architecture, checkpointing, config_lib, sharding
+from fqgan_jax.atomic_file import atomic_write
+from fqgan_jax.frozen import teachers, weights
+from fqgan_jax.frozen.weights import PretrainedError
+from fqgan_jax.models import discriminator
+from fqgan_jax.models.tokenizer import (
+    _feat_pred_name,
+    _head_name,
+    _suffix,
+    official_key_to_path,
+)
+from fqgan_jax.training import train_state
+from fqgan_jax.training.build import build_run
+
+USAGE_WINDOW = 65536  # the official VectorQuantizer's `codebook_used` buffer length
+CODEBOOK_PATH = ("quantize", "codebook")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """An official tokenizer family: its branches in decoder order, the config that builds it."""
+    name: str
+    branches: tuple[str, ...]
+    config_file: str
+    adapter_layers: int
+
+
+LAYOUTS = (Layout("FQGAN-Dual", ("vis", "sem"), "configs/dual.py", 6),
+           Layout("FQGAN-Triple", ("vis", "sem_mid", "sem_high"), "configs/triple.py", 6),
+           Layout("LlamaGen VQ", ("vq",), "configs/vqgan.py", 0))
+# The official sizes besides the branches and adapters; ch_mult by downsampling factor.
+OFFICIAL_MODEL = dict(ch=128, num_res_blocks=2, z_channels=256, adapter_mlp_ratio=4.0,
+                      codebook_size=16384, code_dim=8)
+OFFICIAL_CH_MULT = {16: (1, 1, 2, 2, 4), 8: (1, 2, 2, 4)}
+PRESETS = {16: "", 8: ":ds8"}
+
+
+def layout_of(branches) -> Layout | None:
+    """The official family with these branches (in any order), if any."""
+    return next((layout for layout in LAYOUTS if set(layout.branches) == set(branches)), None)
+
+
+def describe_branches(branches) -> str:
+    """"FQGAN-Dual (vis, sem)", "LlamaGen VQ (1 codebook)", or "3-codebook (a, b, c)"."""
+    layout = layout_of(branches)
+    if layout is not None and layout.branches == tuple(branches):
+        return (f"{layout.name} (1 codebook)" if len(branches) == 1
+                else f"{layout.name} ({', '.join(branches)})")
+    return f"{len(branches)}-codebook ({', '.join(branches)})"
+
+
+# ------------------------------------------------------------------------------------------------
+# What a state dict says about its model.
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The architecture a tokenizer state dict's keys and shapes imply."""
+    model: dict  # config.model fields: branches, ch, ch_mult, num_res_blocks, z_channels,
+    # adapter_layers, adapter_mlp_ratio (only with adapters), codebook_size, code_dim
+    image_size: int | None  # from the adapters' positional tables; None without adapters
+    head_widths: dict  # {branch: width of its feature-prediction head}
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.model["ch_mult"]) - 1)
+
+    def official_config(self) -> str | None:
+        """"configs/dual.py:ds8" when this is exactly an official layout, else None."""
+        layout = layout_of(self.model["branches"])
+        expected = dict(OFFICIAL_MODEL, branches=layout.branches if layout else None,
+                        adapter_layers=layout.adapter_layers if layout else None,
+                        ch_mult=OFFICIAL_CH_MULT.get(self.downsample))
+        if layout is None or any(self.model.get(key, value) != value
+                                 for key, value in expected.items()):
+            return None
+        if self.image_size not in (None, 256):
+            return None
+        return layout.config_file + PRESETS[self.downsample]
+
+    def describe(self) -> str:
+        return f"{describe_branches(self.model['branches'])} ds{self.downsample}"
+
+
+def _shape(state: dict, key: str) -> tuple:
+    if key not in state:
+        raise PretrainedError(f"The state dict has no {key}, which every FQGAN and LlamaGen "
+                              "tokenizer has: is it a tokenizer checkpoint?")
+    return tuple(np.shape(state[key]))
+
+
+def _indices(state: dict, prefix: str) -> list[int]:
+    """The sorted i of every key `prefix<i>.*`."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for m in map(pattern.match, state) if m})
+
+
+def file_branches(state: dict) -> tuple[str, ...]:
+    """Branch names from the codebooks (quantize_<b>.embedding.weight; LlamaGen's quantize.* is
+    "vq"), in the official decoder order for an official family, else in the file's order."""
+    found = [m.group(1) or "vq" for m in map(
+        re.compile(r"quantize(?:_(\w+))?\.embedding\.weight").fullmatch, state) if m]
+    if not found:
+        raise PretrainedError("The state dict has no codebook (quantize*.embedding.weight): it "
+                              "is not an FQGAN or LlamaGen tokenizer state dict.")
+    layout = layout_of(found)
+    return layout.branches if layout is not None and len(found) == len(layout.branches) \
+        else tuple(found)
+
+
+def infer_architecture(state: dict) -> Architecture:
+    """The tokenizer architecture of an official-layout state dict, from keys and shapes."""
+    branches = file_branches(state)
+    shapes = {_shape(state, f"quantize{_suffix(b)}.embedding.weight") for b in branches}
+    if len(shapes) != 1:
+        raise PretrainedError(f"The state dict's codebooks differ in shape ({sorted(shapes)}); "
+                              "every sub-codebook must be K x d alike.")
+    (codebook_size, code_dim), = shapes
+    ch = _shape(state, "encoder.conv_in.weight")[0]
+    levels = _indices(state, "encoder.conv_blocks.")
+    model = dict(branches=branches, ch=ch, num_res_blocks=len(
+        _indices(state, "encoder.conv_blocks.0.res.")), codebook_size=codebook_size,
+        code_dim=code_dim, z_channels=_shape(state, "post_quant_conv.weight")[0],
+        ch_mult=tuple(_shape(state, f"encoder.conv_blocks.{i}.res.0.conv2.weight")[0] // ch
+                      for i in levels))
+    adapter = f"encoder.{_head_name(branches[0])}.0."
+    model["adapter_layers"] = len(_indices(state, adapter + "transformer."))
+    image_size = None
+    if model["adapter_layers"]:
+        width = _shape(state, adapter + "ln_pre.weight")[0]
+        model["adapter_mlp_ratio"] = _shape(
+            state, adapter + "transformer.0.mlp.c_fc.weight")[0] / width
+        grid = math.isqrt(_shape(state, adapter + "positional_embedding")[0])
+        image_size = grid * 2 ** (len(levels) - 1)
+    heads = {b: _shape(state, f"{_feat_pred_name(b)}.class_embedding")[-1] for b in branches
+             if f"{_feat_pred_name(b)}.class_embedding" in state}
+    return Architecture(model=model, image_size=image_size, head_widths=heads)
+
+
+# ------------------------------------------------------------------------------------------------
+# The checks against the config, before anything is written.
+
+
+def _override(key: str, value) -> str:
+    """The command-line override that sets `key` to `value`, as config_flags parses it."""
+    if isinstance(value, tuple):  # a tuple parses from its Python literal, quoted for the shell
+        return f'--config.{key}="{value!r}"'.replace(" ", "")
+    return f"--config.{key}={value}"
+
+
+def _model_differences(arch: Architecture, config, config_name: str
+                       ) -> list[tuple[str, str]]:
+    """(what differs, the override that fixes it) for every config field the file contradicts."""
+    found, wanted = arch.model, config.model
+    differences = []
+    if tuple(wanted.branches) != found["branches"]:
+        differences.append((f"this is a {describe_branches(found['branches'])} checkpoint, but "
+                            f"--config={config_name} expects "
+                            f"{describe_branches(wanted.branches)}",
+                            _override("model.branches", found["branches"])))
+    if tuple(wanted.ch_mult) != found["ch_mult"]:
+        downsample = 2 ** (len(wanted.ch_mult) - 1)
+        differences.append((f"the file is ds{arch.downsample} (ch_mult {found['ch_mult']}), "
+                            f"the config ds{downsample} (ch_mult {tuple(wanted.ch_mult)})",
+                            _override("model.ch_mult", found["ch_mult"])))
+    for key, value in found.items():
+        if key not in ("branches", "ch_mult") and wanted[key] != value:
+            differences.append((f"config.model.{key} is {wanted[key]!r}, the file has {value!r}",
+                                _override(f"model.{key}", value)))
+    if arch.image_size is not None and config.data.image_size != arch.image_size:
+        differences.append(
+            (f"the file's adapters are sized for {arch.image_size} px images, the config for "
+             f"{config.data.image_size} (config.data.image_size)",
+             _override("data.image_size", arch.image_size)))
+    return differences
+
+
+def check_architecture(arch: Architecture, config, *, config_name: str = "the config") -> None:
+    """Raises a PretrainedError naming every difference between the file and the config's
+    tokenizer, and the fix: the official config (and preset) for an official layout, else the
+    overrides."""
+    differences = _model_differences(arch, config, config_name)
+    if not differences:
+        return
+    official = arch.official_config()
+    if official is not None:
+        fix = (f"use --config={official}, without --config.model overrides (the file has the "
+               f"official {arch.describe()} layout)")
+    else:
+        fix = "add " + " ".join(override for _, override in differences)
+    raise PretrainedError(
+        f"The checkpoint ({arch.describe()}) does not fit --config={config_name}:\n  - "
+        + "\n  - ".join(what for what, _ in differences) + f"\nFix: {fix}.")
+
+
+def _kinds_of_width(width: int) -> str:
+    kinds = [name for name, kind in teachers.KINDS.items() if kind.width == width]
+    return " or ".join(kinds) if kinds else f"a teacher of width {width}"
+
+
+def plan_heads(arch: Architecture, config) -> tuple[list[str], list[str], list[str]]:
+    """(branches whose heads are imported, notes, problems) for the feature-prediction heads:
+    the policy of the module docstring."""
+    taught = config_lib.taught_branches(config)
+    keep, notes, problems = [], [], []
+    for branch, width in arch.head_widths.items():
+        if branch not in taught:
+            notes.append(f"Dropped the feature-prediction head of {branch!r} "
+                         f"({_feat_pred_name(branch)}.*, width {width}): the config trains no "
+                         f"head for it (loss.semantic_weight={config.loss.semantic_weight}, "
+                         f"teachers: {sorted(config.teachers.keys()) or 'none'}). The tokenizer "
+                         "never uses it; to keep it, use a config that teaches that branch.")
+        elif teachers.kind(taught[branch]).width != width:
+            problems.append(
+                f"the file's {branch!r} feature-prediction head has width {width}, but the "
+                f"config's teacher {taught[branch]} has width {teachers.kind(taught[branch]).width}"
+                f"; set --config.teachers.{branch}.kind={_kinds_of_width(width)}")
+        else:
+            keep.append(branch)
+    for branch in taught:
+        if branch not in arch.head_widths:
+            problems.append(
+                f"the config trains a feature-prediction head for {branch!r} (teacher "
+                f"{taught[branch]}), but the file has none ({_feat_pred_name(branch)}.*); train "
+                "without representation learning (--config.loss.semantic_weight=0), or import "
+                "a checkpoint that has the head")
+    return keep, notes, problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Official state dict -> our variables.
+
+
+def _without_unused(state: dict, branches, dropped_heads) -> dict:
+    """The state dict less codebook_used buffers and the heads the config does not train."""
+    prefixes = tuple(f"{_feat_pred_name(b)}." for b in dropped_heads)
+    return {key: value for key, value in state.items()
+            if not re.fullmatch(r"quantize(_\w+)?\.codebook_used", key)
+            and not (prefixes and key.startswith(prefixes))}
+
+
+def _codebook_key(branches) -> str:
+    """The name of the k stacked codebooks in messages: their k official keys."""
+    return "+".join(f"quantize{_suffix(b)}.embedding.weight" for b in branches)
+
+
+def tokenizer_params(state: dict, config, *, source: str = "The state dict") -> nnx.State:
+    """The config's tokenizer params (float32 nnx.State) from an official-layout state dict that
+    `check_architecture` accepted: the k codebooks [K, d] stacked into quantize.codebook
+    [k, K, d], kernels transposed. Every key must fill exactly one parameter (PretrainedError
+    naming the missing, unexpected and wrong-shape keys)."""
+    branches = tuple(config.model.branches)
+    abstract, _ = architecture.abstract_model_variables(config)
+    state = dict(state)
+    tables = [state.pop(f"quantize{_suffix(b)}.embedding.weight", None) for b in branches]
+    if all(table is not None for table in tables):
+        state[_codebook_key(branches)] = np.stack(tables)
+
+    def key_to_path(key):
+        if key == _codebook_key(branches):
+            return CODEBOOK_PATH
+        path, index = official_key_to_path(key, branches)
+        return path if index is None else None  # a codebook missing a sibling: reported below
+
+    def path_to_key(path):
+        return _codebook_key(branches) if path == CODEBOOK_PATH \
+            else path_to_official_key(path, branches)
+
+    return weights.fill_params(
+        state, abstract, key_to_path=key_to_path, path_to_key=path_to_key,
+        what=f"tokenizer of the config ({describe_branches(branches)})", source=source,
+        hint="Was the file written by another version of the model code?")
+
+
+def discriminator_architecture(state: dict) -> dict:
+    """{"ndf", "n_layers"} of a PatchGAN state dict (its BatchNorms count the layers)."""
+    return {"ndf": _shape(state, "main.0.weight")[0],
+            "n_layers": len([key for key in state if key.endswith(".running_mean")])}
+
+
+def discriminator_variables(state: dict, config, *, source: str = "The discriminator"
+                            ) -> tuple[nnx.State, nnx.State]:
+    """(params, batch_stats) of the config's PatchGAN from an official state dict."""
+    abstract = nnx.state(nnx.eval_shape(
+        lambda: architecture.create_discriminator(config, nnx.Rngs(0))))
+    filled = weights.fill_params(
+        state, abstract, key_to_path=discriminator.official_key_to_path,
+        path_to_key=_discriminator_key, what="PatchGAN discriminator of the config",
+        source=source)
+    return nnx.split_state(filled, nnx.Param, nnx.BatchStat)
+
+
+# ------------------------------------------------------------------------------------------------
+# Our variables -> official state dict.
+
+
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var"}
+
+
+def path_to_official_key(path: tuple, branches) -> str:
+    """Our tokenizer parameter path -> its official key; the inverse of official_key_to_path
+    (the codebook, one path for k keys, is the caller's)."""
+    *modules, leaf = [str(part) for part in path]
+    if modules[-1:] == ["in_proj"]:  # torch MHA's fused in_proj_weight / in_proj_bias
+        modules, leaf = modules[:-1], "in_proj_" + _TORCH_LEAF[leaf]
+    else:
+        leaf = _TORCH_LEAF.get(leaf, leaf)
+    if modules[0] == "branches":
+        branch, part, rest = modules[1], modules[2], modules[3:]
+        if part == "adapter":
+            modules = ["encoder", _head_name(branch), "0", *rest]
+        elif part == "quant_conv":
+            modules = [part + _suffix(branch), *rest]
+        else:  # norm_out, conv_out
+            modules = ["encoder", part + _suffix(branch), *rest]
+    elif modules[0] == "feat_pred_heads":
+        modules = [_feat_pred_name(modules[1]), *modules[2:]]
+    return ".".join([*modules, leaf])
+
+
+def _discriminator_key(path: tuple) -> str:
+    return f"main.{path[1]}.{_TORCH_LEAF[path[-1]]}"
+
+
+def flax_to_torch(path: tuple, array) -> np.ndarray:
+    """The inverse of weights.torch_to_flax: Dense [in, out] -> [out, in], HWIO -> OIHW."""
+    array = np.asarray(jax.device_get(array))
+    if path[-1] == "kernel" and array.ndim == 2:
+        array = array.T
+    elif path[-1] == "kernel" and array.ndim == 4:
+        array = array.transpose(3, 2, 0, 1)
+    return np.ascontiguousarray(array)
+
+
+def usage_buffer(codebook_size: int) -> np.ndarray:
+    """The official `codebook_used` buffer, zeroed: float32 [65536] (FVQ: [K + 1] once K is at
+    least that), as the module registers it."""
+    length = USAGE_WINDOW if codebook_size < USAGE_WINDOW else codebook_size + 1
+    return np.zeros((length,), np.float32)
+
+
+def tokenizer_state_dict(params: nnx.State, branches) -> dict[str, np.ndarray]:
+    """The official state dict of our tokenizer params, codebook_used buffers zeroed."""
+    state = {}
+    for path, leaf in nnx.to_flat_state(params):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        if path == CODEBOOK_PATH:
+            codebooks = np.asarray(jax.device_get(value))
+            for branch, table in zip(branches, codebooks):
+                state[f"quantize{_suffix(branch)}.codebook_used"] = usage_buffer(table.shape[0])
+                state[f"quantize{_suffix(branch)}.embedding.weight"] = table
+        else:
+            state[path_to_official_key(path, branches)] = flax_to_torch(path, value)
+    return state
+
+
+def discriminator_state_dict(params: nnx.State, batch_stats: nnx.State) -> dict[str, np.ndarray]:
+    """The official PatchGAN state dict; num_batches_tracked (never read) is written as 0."""
+    state = {}
+    for variables in (params, batch_stats):
+        for path, leaf in nnx.to_flat_state(variables):
+            value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+            state[_discriminator_key(path)] = flax_to_torch(path, value)
+            if path[-1] == "mean":
+                state[f"main.{path[1]}.num_batches_tracked"] = np.zeros((), np.int64)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Import: file -> checked variables -> workdir.
+
+
+MODEL_ENTRIES = ("model", "state_dict")  # where a training checkpoint keeps the tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+    """One official checkpoint's variables, fitted to a config; nothing written yet."""
+    params: nnx.State
+    disc: tuple[nnx.State, nnx.State] | None  # (params, batch_stats), None: fresh or no GAN
+    architecture: Architecture
+    entry: str  # which entry of the file the tokenizer came from
+    notes: tuple[str, ...]  # what was dropped or started fresh, for the user
+
+    def summary(self) -> str:
+        count = sum(np.size(leaf) for leaf in jax.tree.leaves(self.params))
+        disc = " and its discriminator" if self.disc is not None else ""
+        return (f"{self.architecture.describe()}, {count:,} parameters from {self.entry}{disc}")
+
+
+def _unprefixed(state: dict) -> dict:
+    """Keys without the prefix DDP ("module.") or torch.compile ("_orig_mod.") puts on all."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def select_state_dicts(checkpoint: dict, *, use_ema: bool = False,
+                       source: str = "The checkpoint") -> tuple[dict, dict | None, str]:
+    """(tokenizer state dict, discriminator state dict or None, the entry's name) of a file."""
+    if all(isinstance(value, np.ndarray) for value in checkpoint.values()):
+        if use_ema:
+            raise PretrainedError(f"{source} is a bare state dict, with no 'ema' entry: drop "
+                                  "--use_ema.")
+        return _unprefixed(checkpoint), None, "the bare state dict"
+    entries = ("ema",) if use_ema else MODEL_ENTRIES
+    name = next((entry for entry in entries if isinstance(checkpoint.get(entry), dict)), None)
+    if name is None:
+        hint = (" It has 'ema' weights: pass --use_ema." if "ema" in checkpoint and not use_ema
+                else " Drop --use_ema to import its 'model'." if use_ema else "")
+        raise PretrainedError(f"{source} has no {' or '.join(map(repr, entries))} state dict "
+                              f"(its entries: {', '.join(map(repr, checkpoint))}).{hint}")
+    disc = checkpoint.get("discriminator")
+    return (_unprefixed(checkpoint[name]), _unprefixed(disc) if isinstance(disc, dict) else None,
+            f"'{name}'")
+
+
+def plan_discriminator(state: dict | None, config) -> tuple[bool, list[str], list[str]]:
+    """(import the file's discriminator?, notes, problems): the policy of the module docstring."""
+    if state is None:
+        fresh = ("The checkpoint has no discriminator: GAN training starts from a fresh one "
+                 "(config.seed).")
+        return False, [fresh] if config_lib.has_discriminator(config) else [], []
+    if not config_lib.has_discriminator(config):
+        return False, ["Dropped the checkpoint's discriminator: the config trains no GAN "
+                       f"(gan.weight={config.gan.weight})."], []
+    problems = [f"the discriminator has {key} {value}, the config {config.gan[key]}; set "
+                f"--config.gan.{key}={value}"
+                for key, value in discriminator_architecture(state).items()
+                if config.gan[key] != value]
+    return not problems, [], problems
+
+
+def convert_checkpoint(checkpoint: dict, config, *, use_ema: bool = False,
+                       source: str = "The checkpoint", config_name: str = "the config"
+                       ) -> Imported:
+    """The variables of a checkpoint read by weights.read_torch_checkpoint, checked against
+    `config` (PretrainedError naming every problem and its fix)."""
+    model_state, disc_state, entry = select_state_dicts(checkpoint, use_ema=use_ema,
+                                                        source=source)
+    arch = infer_architecture(model_state)
+    check_architecture(arch, config, config_name=config_name)
+    heads, notes, problems = plan_heads(arch, config)
+    with_disc, disc_notes, disc_problems = plan_discriminator(disc_state, config)
+    if problems + disc_problems:
+        raise PretrainedError(f"{source} does not fit --config={config_name}:\n  - "
+                              + "\n  - ".join(problems + disc_problems))
+    state = _without_unused(model_state, arch.model["branches"],
+                            set(arch.head_widths) - set(heads))
+    params = tokenizer_params(state, config, source=f"{source} ({entry})")
+    disc = discriminator_variables(disc_state, config, source=f"{source} ('discriminator')") \
+        if with_disc else None
+    return Imported(params=params, disc=disc, architecture=arch, entry=entry,
+                    notes=tuple(notes + disc_notes + _search_notes(arch, config)))
+
+
+def _search_notes(arch: Architecture, config) -> list[str]:
+    """The one setting the shapes cannot tell: whether codes are searched l2-normalized (FQGAN,
+    LlamaGen) or not (FVQ, large_codebooks.md §B.4, whose exports have LlamaGen's layout with
+    code_dim 256)."""
+    if arch.model["branches"] == ("vq",) and arch.model["code_dim"] != 8 \
+            and config.model.l2_normalize:
+        return [f"code_dim {arch.model['code_dim']} in LlamaGen's layout: if this is an FVQ "
+                "export, its codes are searched without l2 normalization; re-import with "
+                "--config.model.l2_normalize=False."]
+    return []
+
+
+def check_new_workdir(workdir: str) -> None:
+    """Refuses a workdir that exists and is not empty: an import never overwrites a run."""
+    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+        raise checkpointing.CheckpointError(
+            f"--workdir={workdir} exists and is not empty. Import into a new (or empty) folder: "
+            "the import writes config.json and checkpoints/0 and never overwrites a run.")
+
+
+def import_checkpoint(ckpt: str, config, workdir: str, *, use_ema: bool = False,
+                      config_name: str = "the config", mesh=None) -> Imported:
+    """Reads the official checkpoint `ckpt`, checks it against `config`, and writes `workdir`
+    (config.json and a step-0 TrainState; module docstring). Nothing is written unless every
+    check passes. `mesh` defaults to config.mesh over all devices."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    check_new_workdir(workdir)
+    config_lib.check_config(config, jax.device_count() if mesh is None else mesh.size)
+    checkpoint = weights.read_torch_checkpoint(ckpt, flag="--ckpt")
+    imported = convert_checkpoint(checkpoint, config, use_ema=use_ema,
+                                  source=f"--ckpt={ckpt}", config_name=config_name)
+    del checkpoint  # the file's arrays; the converted ones live on
+    # frozen={}: no LPIPS or teacher file is looked for; writing the state needs neither.
+    run = build_run(config, mesh, frozen={})
+    write_workdir(workdir, run.config, initial_train_state(run, imported))
+    return imported
+
+
+def initial_train_state(run, imported: Imported):
+    """`run.init_state()` with the imported params (also as ema_params when the run keeps them)
+    and discriminator in place of the random ones: fresh optimizer moments, counters and RNG.
+    One jitted program, so XLA drops the random init it replaces (the tiny test model's state
+    compiles in seconds, not the ~40 s of init_state) and the state is built sharded."""
+    config, components = run.config, run.components
+
+    def build(params, disc):
+        state = train_state.initial_state(config, components, jax.random.key(config.seed))
+        if disc is not None:
+            state = state.replace(disc=state.disc.replace(params=disc[0], batch_stats=disc[1]))
+        return state.replace(params=params,
+                             ema_params=None if state.ema_params is None else params)
+
+    disc = imported.disc if components.disc_tx is not None else None
+    return jax.jit(build, out_shardings=run.state_shardings)(imported.params, disc)
+
+
+def write_workdir(workdir: str, config, state) -> None:
+    """checkpoints/0 (data position 0, no images counted), then config.json, whose presence
+    marks a complete workdir."""
+    meta = {"num_skipped_images": 0, "num_converted_images": 0,
+            "data": {"global_next_index": 0}}
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              async_save=False)
+    try:
+        checkpointer.save(0, state, None, meta)
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        with atomic_write(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Export: workdir -> official file.
+
+
+def saved_config(workdir: str):
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise checkpointing.CheckpointError(
+            f"--workdir={workdir} is not a fqgan_jax workdir (no config.json): pass the workdir "
+            "of a training run or of an import.")
+    with open(path) as f:
+        return config_lib.config_from_dict(json.load(f))
+
+
+def restore_variables(workdir: str, config, step: int | None = None) -> tuple[dict, int]:
+    """({"params", maybe "ema_params", maybe "disc": {"params", "batch_stats"}}, step) of
+    checkpoint `step` (default: the latest), on one device; optimizer moments stay on disk."""
+    mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
+    params, _ = architecture.abstract_model_variables(config)
+    target = {"params": params}
+    if config.optimizer.ema_decay > 0:
+        target["ema_params"] = params
+    if config_lib.has_discriminator(config):
+        disc = nnx.state(nnx.eval_shape(
+            lambda: architecture.create_discriminator(config, nnx.Rngs(0))))
+        disc_params, batch_stats = nnx.split_state(disc, nnx.Param, nnx.BatchStat)
+        target["disc"] = {"params": disc_params, "batch_stats": batch_stats}
+    target = checkpointing.with_shardings(
+        target, sharding.state_shardings(target, mesh, config.mesh))
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              async_save=False)
+    try:
+        step = checkpointer.existing_step(step)
+        return checkpointer.restore_part(step, target), step
+    finally:
+        checkpointer.close()
+
+
+def official_checkpoint(variables: dict, config) -> dict[str, dict[str, np.ndarray]]:
+    """{"model", maybe "ema", maybe "discriminator": official state dict} of restored
+    variables."""
+    branches = tuple(config.model.branches)
+    checkpoint = {"model": tokenizer_state_dict(variables["params"], branches)}
+    if "ema_params" in variables:
+        checkpoint["ema"] = tokenizer_state_dict(variables["ema_params"], branches)
+    if "disc" in variables:
+        checkpoint["discriminator"] = discriminator_state_dict(
+            variables["disc"]["params"], variables["disc"]["batch_stats"])
+    return checkpoint
+
+
+def export_checkpoint(workdir: str, out: str, *, step: int | None = None
+                      ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """Writes checkpoint `step` (default: the latest) of `workdir` to `out` in the official
+    format; returns (what was written, as numpy, and the step)."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = saved_config(workdir)
+    variables, step = restore_variables(workdir, config, step)
+    checkpoint = official_checkpoint(variables, config)
+    write_torch_checkpoint(out, checkpoint)
+    return checkpoint, step
+
+
+def write_torch_checkpoint(path: str, checkpoint: dict[str, dict[str, np.ndarray]]) -> None:
+    """torch.save of {entry: {key: tensor}}, atomically (no half-written file on failure)."""
+    try:
+        import torch  # noqa: PLC0415 (only the export writes torch files; training never does)
+    except ImportError as error:
+        raise PretrainedError("Writing an official (PyTorch) checkpoint needs torch: pip "
+                              "install torch.") from error
+    # from_numpy shares memory and wants a writeable array; device_get's are read-only.
+    tensors = {entry: {key: torch.from_numpy(np.require(array, requirements=["C", "W"]))
+                       for key, array in state.items()}
+               for entry, state in checkpoint.items()}
+    path = os.path.expanduser(path)
+    try:
+        with atomic_write(path) as f:
+            torch.save(tensors, f)
+    except OSError as error:
+        raise PretrainedError(f"--out: cannot write {path} ({error}).") from error
