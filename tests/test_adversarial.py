@@ -348,7 +348,7 @@ def test_official_disc_adam_count_damps_the_first_updates_as_bias_correction_say
     # where |g| >> eps, which is where the ratio below is exact to ~1e-4.
     moved = np.abs(fresh) > (1 - 1e-4) * opt.learning_rate
     assert moved.mean() > 0.9
-    assert np.all(np.abs(fresh) <= opt.learning_rate * (1 + 1e-5))
+    assert np.all(np.abs(fresh) <= opt.learning_rate * (1 + 1e-4))  # float32 param rounding
     count = step + 1
     damping = ((1 - opt.b1) / (1 - opt.b1 ** count)) / np.sqrt((1 - opt.b2) / (1 - opt.b2 ** count))
     np.testing.assert_allclose(official[moved] / fresh[moved], damping, rtol=1e-3)

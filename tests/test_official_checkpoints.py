@@ -120,8 +120,11 @@ def assert_same_file(written: dict, original: dict) -> None:
 # Every official layout, in and out.
 
 
-# 4-12 s each on 2 CPU cores: tracing the full-size model's shapes and ~600 MB of copies.
-@pytest.mark.parametrize("title", LAYOUT_CONFIGS)
+# 4-15 s each on 2 busy CPU cores (tracing the full-size model's shapes, ~600 MB of copies);
+# the VQ-8 variants, which differ only in level count and table sizes, run with `-m slow`.
+@pytest.mark.parametrize("title", [
+    pytest.param(title, marks=[pytest.mark.slow] if title.endswith("VQ-8") else [])
+    for title in LAYOUT_CONFIGS])
 def test_official_layout_round_trips_bit_for_bit(title):
     spec = LAYOUT_CONFIGS[title]
     model, disc = random_state_dict(title, seed=0), random_state_dict(DISCRIMINATOR, seed=1)
@@ -265,6 +268,12 @@ def test_export_writes_the_file_back(tiny, capsys):
     assert_same_file(written["model"], tiny.model)
     assert_same_file(written["ema"], tiny.model)  # imported as params, so EMA = params
     assert_same_file(written["discriminator"], tiny.disc)
+    # A step folder names the step; a folder without a run is refused.
+    step_folder = tiny.workdir / "checkpoints" / "0"
+    assert convert.main(["export", f"--workdir={step_folder}", f"--out={out}"]) == 0
+    assert_same_file(weights.read_torch_checkpoint(str(out))["model"], tiny.model)
+    assert convert.main(["export", f"--workdir={tiny.directory}", f"--out={out}"]) == 2
+    assert "is not a fqgan_jax workdir" in capsys.readouterr().err
 
 
 def test_use_ema_imports_the_ema_weights(tiny):
@@ -434,8 +443,8 @@ def test_there_is_one_torch_load_and_it_is_weights_only():
 
 @pytest.mark.slow  # compiles the tiny model's train step
 def test_training_continues_from_the_imported_weights(tiny, tmp_path):
-    """--mode=train on (a copy of) the imported workdir: step 1 is one Adam step (lr 1e-3) away
-    from the imported params, not from a fresh init."""
+    """--mode=train on (a copy of) the imported workdir: the step-1 weights (the EMA's) are
+    within one Adam step (lr 1e-3) of the imported ones, not a fresh init."""
     workdir = tmp_path / "workdir"
     shutil.copytree(tiny.workdir, workdir)
     config = convert.load_config(str(REPO / TINY_SPEC),

@@ -52,7 +52,7 @@ def test_infonce_trains_the_semantic_branch_and_never_the_teacher(tiny_config):
     def objective(params, teacher_params):
         frozen_ = {**frozen, "teachers": teacher_params}
         cls = train_step.teacher_features(images, frozen_, components=components, config=config)
-        loss, (metrics, _, _) = train_step._generator_loss(
+        loss, (metrics, _, _, _) = train_step._generator_loss(
             params, state, images, frozen_, cls, jax.random.key(1), components=components,
             config=config, gan_on=False, num_shards=2)
         return loss, metrics

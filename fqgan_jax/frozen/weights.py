@@ -238,8 +238,8 @@ def _load_error(path: str, where: str, error: Exception, allowed: tuple) -> Pret
             f"tensors, plain containers{allowed_names} are allowed). If you trust the file, "
             "re-save just its weights, e.g. python -c \"import torch; c = torch.load('IN', "
             "weights_only=False); torch.save({'model': c['model']}, 'OUT')\", and use OUT.")
-    # Only the first line: torch's messages run to a page of advice.
-    reason = (text.splitlines() or [""])[0][:200]
+    # Only the first sentence: torch's messages run to a page of advice.
+    reason = re.split(r"(?<=\.)\s", (text.splitlines() or [""])[0])[0].rstrip(".")[:200]
     if isinstance(error, EOFError) or re.search(r"zip archive|EOF|corrupt", text):
         return PretrainedError(
             f"{where}{path} is truncated or corrupt ({type(error).__name__}: {reason}; "

@@ -169,7 +169,7 @@ class Tokenizer(nnx.Module):
 # `codebook_used` buffers are dropped.
 
 
-def _head_name(branch: str) -> str:
+def official_head_name(branch: str) -> str:
     if branch == "vis":
         return "visual_head"
     if branch.startswith("sem"):
@@ -177,7 +177,7 @@ def _head_name(branch: str) -> str:
     return f"{branch}_head"
 
 
-def _feat_pred_name(branch: str) -> str:
+def official_feat_pred_name(branch: str) -> str:
     if branch == "sem":
         return "feat_pred_head"
     if branch.startswith("sem_"):
@@ -185,7 +185,7 @@ def _feat_pred_name(branch: str) -> str:
     return f"{branch}_feat_pred"
 
 
-def _suffix(branch: str) -> str:
+def official_suffix(branch: str) -> str:
     return "" if branch == "vq" else f"_{branch}"
 
 
@@ -210,14 +210,15 @@ def official_key_to_path(official_key: str,
     converter should reject any path that `nnx.state(model)` does not contain.
     """
     for index, branch in enumerate(branches):
-        sfx = re.escape(_suffix(branch))
+        sfx = re.escape(official_suffix(branch))
         if re.fullmatch(rf"quantize{sfx}\.embedding\.weight", official_key):
             return ("quantize", "codebook"), index
         rules = (
-            (rf"encoder\.{re.escape(_head_name(branch))}\.0\.(.+)", f"branches.{branch}.adapter."),
+            (rf"encoder\.{re.escape(official_head_name(branch))}\.0\.(.+)",
+             f"branches.{branch}.adapter."),
             (rf"encoder\.(norm_out|conv_out){sfx}\.(.+)", rf"branches.{branch}.\1."),
             (rf"(quant_conv){sfx}\.(.+)", rf"branches.{branch}.\1."),
-            (rf"{re.escape(_feat_pred_name(branch))}\.(.+)", f"feat_pred_heads.{branch}."),
+            (rf"{re.escape(official_feat_pred_name(branch))}\.(.+)", f"feat_pred_heads.{branch}."),
         )
         for pattern, prefix in rules:
             match = re.fullmatch(pattern, official_key)

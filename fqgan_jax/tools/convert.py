@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import sys
 
 import jax
@@ -105,7 +106,7 @@ def import_official(args: argparse.Namespace) -> None:
                                           config_name=args.config)
     for note in imported.notes:
         print(f"note: {note}")
-    flags_used = " ".join([f"--config={args.config}", *args.overrides])
+    flags_used = shlex.join([f"--config={args.config}", *args.overrides])
     print(f"Imported {args.ckpt} into {args.workdir}: {imported.summary()}.\n"
           f"Evaluate it: python -m fqgan_jax.main --mode=eval --workdir={args.workdir} "
           f"{flags_used}")
@@ -171,7 +172,8 @@ def _add_official_commands(commands) -> None:
     official_parser.set_defaults(run=import_official)
     export_parser = commands.add_parser(
         "export", help="a workdir's checkpoint -> an official PyTorch tokenizer checkpoint")
-    export_parser.add_argument("--workdir", required=True)
+    export_parser.add_argument("--workdir", required=True,
+                               help="a workdir, its checkpoints/ folder or one step folder")
     export_parser.add_argument("--out", required=True, help="the .pt to write")
     export_parser.add_argument("--step", type=int, default=None,
                                help="checkpoint step (default: the latest)")

@@ -59,7 +59,6 @@ and no l2-normalized search: --config=configs/vqgan.py --config.model.code_dim=2
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -74,10 +73,10 @@ from fqgan_jax.frozen import teachers, weights
 from fqgan_jax.frozen.weights import PretrainedError
 from fqgan_jax.models import discriminator
 from fqgan_jax.models.tokenizer import (
-    _feat_pred_name,
-    _head_name,
-    _suffix,
+    official_feat_pred_name,
+    official_head_name,
     official_key_to_path,
+    official_suffix,
 )
 from fqgan_jax.training import train_state
 from fqgan_jax.training.build import build_run
@@ -181,7 +180,7 @@ def file_branches(state: dict) -> tuple[str, ...]:
 def infer_architecture(state: dict) -> Architecture:
     """The tokenizer architecture of an official-layout state dict, from keys and shapes."""
     branches = file_branches(state)
-    shapes = {_shape(state, f"quantize{_suffix(b)}.embedding.weight") for b in branches}
+    shapes = {_shape(state, f"quantize{official_suffix(b)}.embedding.weight") for b in branches}
     if len(shapes) != 1:
         raise PretrainedError(f"The state dict's codebooks differ in shape ({sorted(shapes)}); "
                               "every sub-codebook must be K x d alike.")
@@ -193,7 +192,7 @@ def infer_architecture(state: dict) -> Architecture:
         code_dim=code_dim, z_channels=_shape(state, "post_quant_conv.weight")[0],
         ch_mult=tuple(_shape(state, f"encoder.conv_blocks.{i}.res.0.conv2.weight")[0] // ch
                       for i in levels))
-    adapter = f"encoder.{_head_name(branches[0])}.0."
+    adapter = f"encoder.{official_head_name(branches[0])}.0."
     model["adapter_layers"] = len(_indices(state, adapter + "transformer."))
     image_size = None
     if model["adapter_layers"]:
@@ -202,8 +201,8 @@ def infer_architecture(state: dict) -> Architecture:
             state, adapter + "transformer.0.mlp.c_fc.weight")[0] / width
         grid = math.isqrt(_shape(state, adapter + "positional_embedding")[0])
         image_size = grid * 2 ** (len(levels) - 1)
-    heads = {b: _shape(state, f"{_feat_pred_name(b)}.class_embedding")[-1] for b in branches
-             if f"{_feat_pred_name(b)}.class_embedding" in state}
+    heads = {b: _shape(state, f"{official_feat_pred_name(b)}.class_embedding")[-1] for b in branches
+             if f"{official_feat_pred_name(b)}.class_embedding" in state}
     return Architecture(model=model, image_size=image_size, head_widths=heads)
 
 
@@ -275,11 +274,12 @@ def plan_heads(arch: Architecture, config) -> tuple[list[str], list[str], list[s
     keep, notes, problems = [], [], []
     for branch, width in arch.head_widths.items():
         if branch not in taught:
-            notes.append(f"Dropped the feature-prediction head of {branch!r} "
-                         f"({_feat_pred_name(branch)}.*, width {width}): the config trains no "
-                         f"head for it (loss.semantic_weight={config.loss.semantic_weight}, "
-                         f"teachers: {sorted(config.teachers.keys()) or 'none'}). The tokenizer "
-                         "never uses it; to keep it, use a config that teaches that branch.")
+            notes.append(
+                f"Dropped the feature-prediction head of {branch!r} "
+                f"({official_feat_pred_name(branch)}.*, width {width}): the config trains no head "
+                f"for it (loss.semantic_weight={config.loss.semantic_weight}, teachers: "
+                f"{sorted(config.teachers.keys()) or 'none'}). The tokenizer never uses it; to "
+                "keep it, use a config that teaches that branch.")
         elif teachers.kind(taught[branch]).width != width:
             problems.append(
                 f"the file's {branch!r} feature-prediction head has width {width}, but the "
@@ -291,9 +291,9 @@ def plan_heads(arch: Architecture, config) -> tuple[list[str], list[str], list[s
         if branch not in arch.head_widths:
             problems.append(
                 f"the config trains a feature-prediction head for {branch!r} (teacher "
-                f"{taught[branch]}), but the file has none ({_feat_pred_name(branch)}.*); train "
-                "without representation learning (--config.loss.semantic_weight=0), or import "
-                "a checkpoint that has the head")
+                f"{taught[branch]}), but the file has none "
+                f"({official_feat_pred_name(branch)}.*); train without representation learning "
+                "(--config.loss.semantic_weight=0), or import a checkpoint that has the head")
     return keep, notes, problems
 
 
@@ -303,7 +303,7 @@ def plan_heads(arch: Architecture, config) -> tuple[list[str], list[str], list[s
 
 def _without_unused(state: dict, branches, dropped_heads) -> dict:
     """The state dict less codebook_used buffers and the heads the config does not train."""
-    prefixes = tuple(f"{_feat_pred_name(b)}." for b in dropped_heads)
+    prefixes = tuple(f"{official_feat_pred_name(b)}." for b in dropped_heads)
     return {key: value for key, value in state.items()
             if not re.fullmatch(r"quantize(_\w+)?\.codebook_used", key)
             and not (prefixes and key.startswith(prefixes))}
@@ -311,7 +311,7 @@ def _without_unused(state: dict, branches, dropped_heads) -> dict:
 
 def _codebook_key(branches) -> str:
     """The name of the k stacked codebooks in messages: their k official keys."""
-    return "+".join(f"quantize{_suffix(b)}.embedding.weight" for b in branches)
+    return "+".join(f"quantize{official_suffix(b)}.embedding.weight" for b in branches)
 
 
 def tokenizer_params(state: dict, config, *, source: str = "The state dict") -> nnx.State:
@@ -321,16 +321,17 @@ def tokenizer_params(state: dict, config, *, source: str = "The state dict") -> 
     naming the missing, unexpected and wrong-shape keys)."""
     branches = tuple(config.model.branches)
     abstract, _ = architecture.abstract_model_variables(config)
+    tables = [f"quantize{official_suffix(b)}.embedding.weight" for b in branches]
     state = dict(state)
-    tables = [state.pop(f"quantize{_suffix(b)}.embedding.weight", None) for b in branches]
-    if all(table is not None for table in tables):
-        state[_codebook_key(branches)] = np.stack(tables)
+    if all(table in state for table in tables):
+        state[_codebook_key(branches)] = np.stack([state.pop(table) for table in tables])
 
     def key_to_path(key):
         if key == _codebook_key(branches):
             return CODEBOOK_PATH
         path, index = official_key_to_path(key, branches)
-        return path if index is None else None  # a codebook missing a sibling: reported below
+        # A codebook whose siblings are missing is skipped: the stacked one is reported missing.
+        return path if index is None else None
 
     def path_to_key(path):
         return _codebook_key(branches) if path == CODEBOOK_PATH \
@@ -379,13 +380,13 @@ def path_to_official_key(path: tuple, branches) -> str:
     if modules[0] == "branches":
         branch, part, rest = modules[1], modules[2], modules[3:]
         if part == "adapter":
-            modules = ["encoder", _head_name(branch), "0", *rest]
+            modules = ["encoder", official_head_name(branch), "0", *rest]
         elif part == "quant_conv":
-            modules = [part + _suffix(branch), *rest]
+            modules = [part + official_suffix(branch), *rest]
         else:  # norm_out, conv_out
-            modules = ["encoder", part + _suffix(branch), *rest]
+            modules = ["encoder", part + official_suffix(branch), *rest]
     elif modules[0] == "feat_pred_heads":
-        modules = [_feat_pred_name(modules[1]), *modules[2:]]
+        modules = [official_feat_pred_name(modules[1]), *modules[2:]]
     return ".".join([*modules, leaf])
 
 
@@ -418,8 +419,9 @@ def tokenizer_state_dict(params: nnx.State, branches) -> dict[str, np.ndarray]:
         if path == CODEBOOK_PATH:
             codebooks = np.asarray(jax.device_get(value))
             for branch, table in zip(branches, codebooks):
-                state[f"quantize{_suffix(branch)}.codebook_used"] = usage_buffer(table.shape[0])
-                state[f"quantize{_suffix(branch)}.embedding.weight"] = table
+                prefix = f"quantize{official_suffix(branch)}"
+                state[f"{prefix}.codebook_used"] = usage_buffer(table.shape[0])
+                state[f"{prefix}.embedding.weight"] = table
         else:
             state[path_to_official_key(path, branches)] = flax_to_torch(path, value)
     return state
@@ -522,6 +524,9 @@ def convert_checkpoint(checkpoint: dict, config, *, use_ema: bool = False,
     params = tokenizer_params(state, config, source=f"{source} ({entry})")
     disc = discriminator_variables(disc_state, config, source=f"{source} ('discriminator')") \
         if with_disc else None
+    if not use_ema and isinstance(checkpoint.get("ema"), dict):
+        notes.append(f"Imported the {entry} weights; the file also has 'ema' weights, which "
+                     "--use_ema imports instead.")
     return Imported(params=params, disc=disc, architecture=arch, entry=entry,
                     notes=tuple(notes + disc_notes + _search_notes(arch, config)))
 
@@ -602,16 +607,6 @@ def write_workdir(workdir: str, config, state) -> None:
 # Export: workdir -> official file.
 
 
-def saved_config(workdir: str):
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise checkpointing.CheckpointError(
-            f"--workdir={workdir} is not a fqgan_jax workdir (no config.json): pass the workdir "
-            "of a training run or of an import.")
-    with open(path) as f:
-        return config_lib.config_from_dict(json.load(f))
-
-
 def restore_variables(workdir: str, config, step: int | None = None) -> tuple[dict, int]:
     """({"params", maybe "ema_params", maybe "disc": {"params", "batch_stats"}}, step) of
     checkpoint `step` (default: the latest), on one device; optimizer moments stay on disk."""
@@ -651,11 +646,11 @@ def official_checkpoint(variables: dict, config) -> dict[str, dict[str, np.ndarr
 
 def export_checkpoint(workdir: str, out: str, *, step: int | None = None
                       ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-    """Writes checkpoint `step` (default: the latest) of `workdir` to `out` in the official
-    format; returns (what was written, as numpy, and the step)."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = saved_config(workdir)
-    variables, step = restore_variables(workdir, config, step)
+    """Writes checkpoint `step` (default: the latest, or the step folder `workdir` names) of a
+    workdir to `out` in the official format; returns (what was written, as numpy, the step)."""
+    workdir, folder_step = checkpointing.locate_workdir(os.path.expanduser(workdir))
+    config = checkpointing.read_config(workdir)
+    variables, step = restore_variables(workdir, config, folder_step if step is None else step)
     checkpoint = official_checkpoint(variables, config)
     write_torch_checkpoint(out, checkpoint)
     return checkpoint, step

@@ -59,7 +59,7 @@ def setup(config, workdir: str) -> Loop:
     checkpointing.check_config_matches(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with atomic_write(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     graphdef = architecture.eval_graphdef(config)  # eval.dtype, not the training dtype
     return Loop(run=run, workdir=workdir,
