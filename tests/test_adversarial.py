@@ -323,7 +323,8 @@ def test_bad_gan_config_is_refused(tiny_config, override, message):
 
 
 def _disc_update_delta(config, step):
-    """How one discriminator update moves its params, from a fresh D, at train step `step`."""
+    """How one discriminator update moves its params, from a fresh D, at train step `step`;
+    and the params before it."""
     components = ts.make_components(config)
     state = ts.initial_state(config, components, jax.random.key(0))
     images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
@@ -331,8 +332,9 @@ def _disc_update_delta(config, step):
     new, _ = jax.jit(lambda d: adversarial.discriminator_update(
         d, images, recon, disc_graphdef=components.disc_graphdef, disc_tx=components.disc_tx,
         gan=config.gan, step=jnp.int32(step)))(state.disc)
-    return np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
-        jax.tree.leaves(_pure(new.params)), jax.tree.leaves(_pure(state.disc.params)))])
+    before = np.concatenate([np.ravel(b) for b in jax.tree.leaves(_pure(state.disc.params))])
+    after = np.concatenate([np.ravel(a) for a in jax.tree.leaves(_pure(new.params))])
+    return after.astype(np.float64) - before, before
 
 
 def test_official_disc_adam_count_damps_the_first_updates_as_bias_correction_says(tiny_config):
@@ -341,14 +343,16 @@ def test_official_disc_adam_count_damps_the_first_updates_as_bias_correction_say
     config = tiny_config()
     opt = config.gan.optimizer
     step = 19_999  # the official disc_start = 20,000 is global step step + 1
-    fresh = _disc_update_delta(config, step)  # default: D's Adam starts at count 1
+    fresh, before = _disc_update_delta(config, step)  # default: D's Adam starts at count 1
     config.gan.official_disc_adam_count = True
-    official = _disc_update_delta(config, step)
-    # Count 1: m_hat = g, v_hat = g^2, so a parameter moves by lr |g| / (|g| + eps): by lr
-    # where |g| >> eps, which is where the ratio below is exact to ~1e-4.
-    moved = np.abs(fresh) > (1 - 1e-4) * opt.learning_rate
+    official, _ = _disc_update_delta(config, step)
+    # Count 1: m_hat = g, v_hat = g^2, so a parameter moves by lr |g| / (|g| + eps), at most lr
+    # up to the float32 rounding of the parameter (BatchNorm scales are ~1: 1.2e-7).
+    assert np.all(np.abs(fresh) <= opt.learning_rate + np.spacing(np.abs(before) + 1e-3))
+    # Where |g| >> eps and the parameter is small (rounding < 1e-4 of the step) the ratio is
+    # exact; that is nearly every weight.
+    moved = (np.abs(fresh) > (1 - 1e-4) * opt.learning_rate) & (np.abs(before) < 0.25)
     assert moved.mean() > 0.9
-    assert np.all(np.abs(fresh) <= opt.learning_rate * (1 + 1e-4))  # float32 param rounding
     count = step + 1
     damping = ((1 - opt.b1) / (1 - opt.b1 ** count)) / np.sqrt((1 - opt.b2) / (1 - opt.b2 ** count))
     np.testing.assert_allclose(official[moved] / fresh[moved], damping, rtol=1e-3)

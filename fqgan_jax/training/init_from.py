@@ -21,13 +21,20 @@ from fqgan_jax import architecture, checkpointing, config_lib, sharding
 _OPTIONAL = "feat_pred_heads"  # the only params either side may lack
 
 
+def check(run, path: str) -> nnx.State:
+    """The source params this run takes (abstract); refuses another architecture, naming the
+    differing shapes. Reads only config.json files: nothing is restored or compiled."""
+    workdir, _ = checkpointing.locate_workdir(path)
+    ours, _ = architecture.abstract_model_variables(run.config)
+    theirs, _ = architecture.abstract_model_variables(checkpointing.read_config(workdir))
+    return _shared_params(ours, theirs, path)
+
+
 def load(run, path: str, state):
     """`state` (a fresh TrainState of `run`) with the weights of the run at `path`."""
+    shared = check(run, path)
     workdir, step = checkpointing.locate_workdir(path)
     source_config = checkpointing.read_config(workdir)
-    ours, _ = architecture.abstract_model_variables(run.config)
-    theirs, _ = architecture.abstract_model_variables(source_config)
-    shared = _shared_params(ours, theirs, path)
     params, step = _restore(workdir, step, source_config, run, shared)
     merged = {**dict(nnx.to_flat_state(state.params)), **dict(nnx.to_flat_state(params))}
     params = nnx.from_flat_state(list(merged.items()))

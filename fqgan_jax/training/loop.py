@@ -57,6 +57,8 @@ def setup(config, workdir: str) -> Loop:
         data.make_source(config.data, split)  # raises DataError on missing data, early
     logging.info("data: %s", data.describe(config.data))
     checkpointing.check_config_matches(workdir, config)
+    if config.train.init_from:
+        init_from.check(run, config.train.init_from)  # another architecture: refused now
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with atomic_write(os.path.join(workdir, "config.json"), "w") as f:
