@@ -31,7 +31,7 @@ from fqgan_jax.eval import evaluate
 from fqgan_jax.frozen import weights
 from fqgan_jax.frozen.weights import PretrainedError
 from fqgan_jax.models import official_key_to_path
-from fqgan_jax.tools import convert, official
+from fqgan_jax.tools import convert, official, official_format
 from fqgan_jax.training import loop
 from fqgan_jax.training.build import build_run
 
@@ -150,7 +150,7 @@ def test_every_parameter_path_maps_back_to_its_official_key():
     for key in official_section("vq_model_triple VQ-16"):
         if not key.endswith(("codebook_used", "embedding.weight")):
             path, _ = official_key_to_path(key, branches)
-            assert official.path_to_official_key(path, branches) == key
+            assert official_format.path_to_official_key(path, branches) == key
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,12 +199,12 @@ def tiny(tmp_path_factory):
     branches = tuple(config.model.branches)
     params, disc_params, batch_stats = random_variables(config, seed=3)
     ema_params = jax.tree.map(lambda v: v + 1, params)
-    model = official.tokenizer_state_dict(params, branches)
+    model = official_format.tokenizer_state_dict(params, branches)
     model["quantize_vis.codebook_used"][:10] = 5.0  # a used window, as a trained file has
-    disc = official.discriminator_state_dict(disc_params, batch_stats)
+    disc = official_format.discriminator_state_dict(disc_params, batch_stats)
     ckpt = directory / "fqgan_tiny.pt"
     torch.save({"model": torch_tensors(model), "discriminator": torch_tensors(disc),
-                "ema": torch_tensors(official.tokenizer_state_dict(ema_params, branches)),
+                "ema": torch_tensors(official_format.tokenizer_state_dict(ema_params, branches)),
                 "optimizer": {"state": {0: {"step": torch.tensor(3.0)}},
                               "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.95)}]},
                 "steps": 1234, "args": argparse.Namespace(vq_model="VQ-16", ema=True)}, ckpt)
@@ -238,7 +238,7 @@ def test_import_writes_a_step_0_workdir_that_training_resumes(tiny):
     same(jax.device_get(state.params), tiny.params)
     same(jax.device_get(state.ema_params), tiny.params)  # the EMA starts at the weights
     assert not any(np.any(leaf) for leaf in jax.tree.leaves(state.opt_state))
-    assert_same_file(official.discriminator_state_dict(state.disc.params,
+    assert_same_file(official_format.discriminator_state_dict(state.disc.params,
                                                        state.disc.batch_stats), tiny.disc)
 
 
@@ -324,7 +324,8 @@ def test_cli_refuses_a_layout_mismatch_before_writing(tmp_path, capsys):
     vq_config = convert.load_config(str(REPO / "configs/vqgan.py:smoke"), TINY_FLAGS)
     params, _, _ = random_variables(vq_config, seed=4)
     ckpt = tmp_path / "vq.pt"
-    torch.save({"model": torch_tensors(official.tokenizer_state_dict(params, ("vq",)))}, ckpt)
+    state_dict = official_format.tokenizer_state_dict(params, ("vq",))
+    torch.save({"model": torch_tensors(state_dict)}, ckpt)
     workdir = tmp_path / "workdir"
     argv = ["official", f"--ckpt={ckpt}", f"--workdir={workdir}", *TINY_FLAGS]
     assert convert.main(argv + [f"--config={REPO / TINY_SPEC}"]) == 2

@@ -77,7 +77,8 @@ def teacher_features(images, frozen: dict, *, components: Components, config) ->
 
 def _generator_loss(params, state: TrainState, images, frozen, teacher_cls, rng, *, components,
                     config, gan_on: bool, num_shards: int):
-    """The tokenizer's total loss (spec fqgan.md §4.1) and (metrics, indices, reconstruction)."""
+    """The tokenizer's total loss (spec fqgan.md §4.1) and (metrics, indices, the quantizer's
+    health stats, reconstruction)."""
     model = merge_model(components.graphdef, params, state.model_state)
     dropout_rng, lpips_rng = jax.random.split(rng)
     # Dropout (off in the official recipe) draws from the state's key, folded with the step.
