@@ -22,6 +22,7 @@ from fqgan_jax.atomic_file import atomic_write
 from fqgan_jax.eval import evaluate, image_grid, inception_metrics
 from fqgan_jax.training import init_from
 from fqgan_jax.training.build import Run, build_run
+from fqgan_jax.training.gan_health import GanHealth
 
 
 class NonFiniteError(RuntimeError):
@@ -30,7 +31,8 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass
 class Loop:
-    """The training run and what the loop writes with: built once, never mutated."""
+    """The training run and what the loop writes with, built once (only `gan_health` keeps a
+    little history, for its warnings)."""
     run: Run
     workdir: str
     checkpointer: checkpointing.Checkpointer
@@ -38,6 +40,7 @@ class Loop:
     eval_fn: object  # jitted evaluate.eval_step
     analysis_fn: object  # jitted evaluate.analysis_step (FQGAN Figures 3-4)
     inception: object  # inception_metrics.InceptionEval for rFID / IS, or None (no weights)
+    gan_health: GanHealth = dataclasses.field(default_factory=GanHealth)
 
     @property
     def config(self):
@@ -213,6 +216,9 @@ def _log_metrics(loop: Loop, step: int, metrics, totals: dict) -> None:
     scalars["data/skipped_images"] = totals["num_skipped_images"]
     scalars["data/converted_images"] = totals["num_converted_images"]
     loop.writer.write_scalars(step, scalars)
+    warning = loop.gan_health.observe_logits(step, scalars)
+    if warning:
+        logging.warning("%s", warning)
 
 
 class DataCounters:
@@ -270,6 +276,9 @@ def _write_train_grid(loop: Loop, state, step: int, inputs: dict) -> None:
     images = sharding.gather_to_host(inputs["image"])  # every process joins; process 0 writes
     count = loop.config.eval.grid_images
     grid = image_grid.make_grid([images[:count], recon[:count]])
+    warning = loop.gan_health.observe_reconstructions(step, images, recon)
+    if warning:
+        logging.warning("%s", warning)
     if jax.process_index() == 0:
         image_grid.save_png(grid, os.path.join(loop.workdir, "images", f"{step}.png"))
         loop.writer.write_images(step, {"train/reconstructions": grid[None]})
