@@ -1,0 +1,135 @@
+r"""The GAN start, side by side: how each setting moves the held-out PSNR across the adversarial
+phase's start, and how much of the reconstruction saturates.
+
+Each variant is the same run (`--config`, default the quickstart `configs/dual.py:smoke`) with a
+few overrides, trained in its own process in its own workdir. Reported per variant, from its
+`eval/<step>.json` files and its reconstruction grid of the held-out eval batch
+(`eval/<step>.png`: originals over reconstructions):
+
+* PSNR at the last eval before the generator sees the GAN (step < `gan.start`; the quickstart's
+  step 100) and at the end, their difference, and the end's distance to the best PSNR of any
+  eval: the quickstart's target is an end within 1 dB of the best;
+* saturation: the share of the final reconstructions' pixel values at 0 or 255, minus the
+  originals' share (the "blue blob" artifact measure of `training/gan_health.py`);
+* wall time of the run.
+
+Usage:
+  python benchmarks/gan_start.py [--config=configs/dual.py:smoke] [--variants=NAME,...]
+                                 [--workdir=/tmp/gan_start] [--set key=value ...]
+Variants (`--list` prints them): official (the preset as it is), warmup (D alone for 100 steps
+instead of 50), lecam (LeCam 0.05), adaptive (taming's adaptive weight), slow_d (D's lr / 4),
+damped_adam (gan.official_disc_adam_count: D's Adam counted from step 1), weight_0.05 (half the
+GAN weight). Each run takes as long as the quickstart (minutes on a CPU); run them alone on the
+machine for meaningful times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "official": [],
+    "warmup": ["--config.gan.disc_warmup_steps=100"],
+    "lecam": ["--config.gan.lecam_weight=0.05"],
+    "adaptive": ["--config.gan.adaptive_weight=True"],
+    "slow_d": ["--config.gan.optimizer.learning_rate=5e-05"],
+    "damped_adam": ["--config.gan.official_disc_adam_count=True"],
+    "weight_0.05": ["--config.gan.weight=0.05"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/dual.py:smoke")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--workdir", default="/tmp/gan_start")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every variant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def _gan_start(config_spec: str, overrides: list[str]) -> int:
+    sys.path.insert(0, REPO)
+    from fqgan_jax import config_lib  # noqa: PLC0415
+
+    config = config_lib.load_config_file(os.path.join(REPO, config_spec))
+    for override in overrides:
+        key, _, value = override.removeprefix("--config.").partition("=")
+        if key == "gan.start":
+            return int(value)
+    return int(config.gan.start)
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    workdir = os.path.join(args.workdir, name)
+    overrides = [f"--config.{s}" for s in args.set] + VARIANTS[name]
+    start = _gan_start(args.config, overrides)
+    command = [sys.executable, "-m", "fqgan_jax.main", f"--config={args.config}",
+               f"--workdir={workdir}", *overrides]
+    began = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode:
+        raise SystemExit(f"variant {name} failed:\n{done.stderr[-3000:]}")
+    evals = {int(f.split(".")[0]): json.load(open(os.path.join(workdir, "eval", f)))
+             for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json")}
+    last = max(evals)
+    before = max(step for step in evals if step < start) if any(
+        step < start for step in evals) else min(evals)
+    return {"variant": name, "psnr_before": evals[before]["psnr"], "before_step": before,
+            "psnr_end": evals[last]["psnr"], "end_step": last,
+            "best": max(e["psnr"] for e in evals.values()),
+            "saturation": saturation(os.path.join(workdir, "eval", f"{last}.png")),
+            "minutes": (time.perf_counter() - began) / 60}
+
+
+def saturation(grid_png: str) -> float:
+    """Extra share of 0/255 values in the reconstructions (bottom half) over the originals."""
+    grid = np.asarray(Image.open(grid_png).convert("RGB"))
+    half = grid.shape[0] // 2
+    extreme = lambda x: float(np.mean((x == 0) | (x == 255)))  # noqa: E731
+    return extreme(grid[half:]) - extreme(grid[:half])
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| variant | PSNR before GAN (step) | PSNR end (step) | change | end − best | "
+             "saturation | minutes |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['psnr_before']:.2f} ({r['before_step']}) | "
+            f"{r['psnr_end']:.2f} ({r['end_step']}) | {r['psnr_end'] - r['psnr_before']:+.2f} | "
+            f"{r['psnr_end'] - r['best']:+.2f} | {r['saturation']:+.1%} | {r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.list:
+        for name, overrides in VARIANTS.items():
+            print(f"{name}: {' '.join(overrides) or '(the config as it is)'}")
+        return []
+    rows = []
+    for name in args.variants.split(","):
+        rows.append(run_variant(name, args))
+        print(format_table(rows[-1:]).split("\n")[-1], flush=True)
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
