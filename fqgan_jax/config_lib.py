@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
         weight=0.5,  # generator's GAN weight (x the adaptive weight if on); 0 = no GAN at all
         disc_loss_weight=0.5,  # factor on the discriminator loss (official: disc_weight)
         start=20_000,  # first step whose generator loss includes the GAN term
+        ramp_steps=0,  # > 0: the generator's GAN weight grows linearly over this many steps
+        # from `start` (0 = the official jump to the full weight)
         disc_warmup_steps=0,  # D trains alone from step start - disc_warmup_steps
         generator_loss="hinge",  # "hinge" | "non_saturating" | "non_saturating_per_image"
         adaptive_weight=False,  # taming/VQGAN-LC: |grad nll| / |grad gan| at decoder.conv_out
@@ -382,6 +384,8 @@ def _gan_problems(gan):
         problems.append(f"config.gan.disc_warmup_steps={gan.disc_warmup_steps} must be in "
                         f"[0, config.gan.start={gan.start}]: D warms up before the generator "
                         "sees its loss.")
+    if gan.ramp_steps < 0:
+        problems.append(f"config.gan.ramp_steps must be >= 0, got {gan.ramp_steps}.")
     if not 0 <= gan.lecam_decay < 1:
         problems.append("config.gan.lecam_decay must be in [0, 1).")
     if gan.n_layers < 1 or gan.ndf < 1:

@@ -372,3 +372,27 @@ def test_official_disc_adam_count_sequence_under_a_constant_gradient():
         updates, opt_state = tx.update(grads, opt_state, params)
         steps.append(float(-updates["w"][0]) / config.gan.optimizer.learning_rate)
     np.testing.assert_allclose(steps, [0.447, 0.608, 0.718, 0.800, 0.861], atol=2e-3)
+
+
+def test_gan_weight_ramp_is_linear_from_the_start():
+    gan = ml_collections.ConfigDict(dict(start=150, ramp_steps=4))
+    # Train step s is global step s + 1: the first GAN step is s = 149.
+    factors = [float(adversarial.ramp(jnp.int32(s), gan)) for s in range(147, 155)]
+    assert factors == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    gan.ramp_steps = 0
+    assert float(adversarial.ramp(jnp.int32(149), gan)) == 1.0
+
+
+def test_ramped_generator_gan_term(tiny_config):
+    """The generator's GAN weight is gan.weight x the ramp at the step's global step."""
+    config = tiny_config(**{"gan.ramp_steps": 4, "gan.start": 1})
+    components = ts.make_components(config)
+    state = ts.initial_state(config, components, jax.random.key(0))
+    recon = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1, maxval=1)
+    term = jax.jit(lambda step: adversarial.generator_gan_term(
+        recon, disc_graphdef=components.disc_graphdef, disc_state=state.disc, gan=config.gan,
+        step=step))
+    weighted, unweighted, weight = term(jnp.int32(1))  # global step 2 of the 4-step ramp
+    assert float(weight) == pytest.approx(config.gan.weight * 2 / 4)
+    np.testing.assert_allclose(weighted, weight * unweighted, rtol=1e-6)
+    assert float(term(jnp.int32(10))[2]) == pytest.approx(config.gan.weight)

@@ -84,14 +84,27 @@ def last_layer_adaptive_weight(nll_fn: Callable, gan_fn: Callable, recon: jax.Ar
                                                 max_weight=max_weight)
 
 
-def generator_gan_term(recon, *, disc_graphdef, disc_state, gan, adaptive=None):
+def ramp(step: jax.Array, gan: ml_collections.ConfigDict) -> jax.Array:
+    """The GAN weight's ramp factor at train step `step`: (global step - start + 1) / ramp_steps,
+    clipped to [0, 1], so the first GAN step has 1 / ramp_steps of the weight and the full
+    weight arrives after ramp_steps steps. 1 when gan.ramp_steps is 0 (the official jump)."""
+    if gan.ramp_steps <= 0:
+        return jnp.float32(1.0)
+    global_step = jnp.asarray(step, jnp.float32) + 1.0
+    return jnp.clip((global_step - gan.start + 1.0) / gan.ramp_steps, 0.0, 1.0)
+
+
+def generator_gan_term(recon, *, disc_graphdef, disc_state, gan, adaptive=None, step=None):
     """(weighted term to add to the generator loss, unweighted term, weight).
 
-    `adaptive` is (nll_fn, last_layer, features) when `gan.adaptive_weight` is on.
+    `adaptive` is (nll_fn, last_layer, features) when `gan.adaptive_weight` is on; `step` (the
+    train step) is needed for `gan.ramp_steps`.
     """
     gan_fn = gan_generator_fn(disc_graphdef, disc_state, gan.generator_loss)
     term = gan_fn(recon)
     weight = jnp.float32(gan.weight)
+    if gan.ramp_steps > 0:
+        weight = weight * ramp(step, gan)
     if gan.adaptive_weight:
         nll_fn, last_layer, features = adaptive
         weight = weight * last_layer_adaptive_weight(nll_fn, gan_fn, recon, last_layer, features,

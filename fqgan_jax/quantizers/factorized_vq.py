@@ -14,10 +14,10 @@ from jax import lax
 
 from fqgan_jax.quantizers.entropy import entropy_loss
 from fqgan_jax.quantizers.interface import QuantizerOutput, health_stats
+from fqgan_jax.quantizers.pallas_search import auto_nearest_code
 from fqgan_jax.quantizers.search import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     context_axis_size,
-    nearest_code,
     sharded_nearest_code,
 )
 from fqgan_jax.quantizers.straight_through import straight_through
@@ -116,7 +116,8 @@ class FactorizedQuantizer(nnx.Module):
     def _search_function(self):
         if self.shard_axis and context_axis_size(self.shard_axis) > 1:
             return functools.partial(sharded_nearest_code, axis=self.shard_axis)
-        return nearest_code
+        # The fused Pallas kernel on GPU/TPU (checked exact at first use), else nearest_code.
+        return auto_nearest_code
 
     def _entropy(self, z: jax.Array, codebook: jax.Array) -> jax.Array:
         loss = functools.partial(

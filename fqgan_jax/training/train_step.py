@@ -106,7 +106,7 @@ def _generator_loss(params, state: TrainState, images, frozen, teacher_cls, rng,
             weighted, terms["gan"], terms["generator_gan_weight"] = \
                 adversarial.generator_gan_term(
                     recon, disc_graphdef=components.disc_graphdef, disc_state=state.disc,
-                    gan=config.gan, adaptive=adaptive)
+                    gan=config.gan, adaptive=adaptive, step=state.step)
         total = total + weighted
     metrics = {f"loss/{k}": v for k, v in terms.items()}
     return total, (metrics, quantized.indices, quantized.stats, recon)
