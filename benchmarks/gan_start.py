@@ -26,16 +26,12 @@ machine for meaningful times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 from PIL import Image
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from quickstart_runs import REPO, train
 
 VARIANTS = {
     "official": [],
@@ -79,15 +75,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     workdir = os.path.join(args.workdir, name)
     overrides = [f"--config.{s}" for s in args.set] + VARIANTS[name]
     start = _gan_start(args.config, overrides)
-    command = [sys.executable, "-m", "fqgan_jax.main", f"--config={args.config}",
-               f"--workdir={workdir}", *overrides]
-    began = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    if done.returncode:
-        raise SystemExit(f"variant {name} failed:\n{done.stderr[-3000:]}")
-    evals = {int(f.split(".")[0]): json.load(open(os.path.join(workdir, "eval", f)))
-             for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json")}
+    evals, minutes = train(args.config, overrides, workdir)
     last = max(evals)
     before = max(step for step in evals if step < start) if any(
         step < start for step in evals) else min(evals)
@@ -95,7 +83,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
             "psnr_end": evals[last]["psnr"], "end_step": last,
             "best": max(e["psnr"] for e in evals.values()),
             "saturation": saturation(os.path.join(workdir, "eval", f"{last}.png")),
-            "minutes": (time.perf_counter() - began) / 60}
+            "minutes": minutes}
 
 
 def saturation(grid_png: str) -> float:
