@@ -148,24 +148,26 @@ def _architecture(config: dict) -> dict:
     discriminator if any."""
     arch = {f"config.model.{key}": value for key, value in config.get("model", {}).items()
             if key not in _HOW_NOT_WHAT}
+    full = config_lib.config_from_dict(config)
     arch["feature-prediction heads (config.teachers, loss.semantic_weight > 0)"] = \
-        config_lib.taught_branches(config_lib.config_from_dict(config))
+        config_lib.taught_branches(full)
     gan = config.get("gan", {})
-    arch["discriminator (config.gan.weight > 0)"] = config_lib.has_discriminator(
-        config_lib.config_from_dict(config))
+    arch["discriminator (config.gan.weight > 0)"] = config_lib.has_discriminator(full)
     if arch["discriminator (config.gan.weight > 0)"]:
         arch.update({f"config.gan.{key}": gan.get(key) for key in ("ndf", "n_layers")})
     return arch
 
 
-def restore_model(workdir: str, config, mesh, step: int | None = None):
+def restore_model(workdir: str, config, mesh, step: int | None = None, *, only=None):
     """(params, model_state, step) of the tokenizer at checkpoint `step` (default: the latest) of
     `workdir`, laid out on `mesh`: the EMA params when the run kept them, else the params. The
-    optimizer moments and the discriminator stay on disk."""
+    optimizer moments and the discriminator stay on disk. `only` (abstract params, a subset of
+    the model's) restores just those."""
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         step = checkpointer.existing_step(step)
         params, model_state = architecture.abstract_model_variables(config)
+        params = params if only is None else only
         field = "ema_params" if config.optimizer.ema_decay > 0 else "params"
         target = {field: params}
         if jax.tree.leaves(model_state):  # the tokenizer has none; a model with BatchNorm would

@@ -16,7 +16,7 @@ import jax
 from absl import logging
 from flax import nnx
 
-from fqgan_jax import architecture, checkpointing, config_lib, sharding
+from fqgan_jax import architecture, checkpointing, config_lib
 
 _OPTIONAL = "feat_pred_heads"  # the only params either side may lack
 
@@ -35,7 +35,8 @@ def load(run, path: str, state):
     shared = check(run, path)
     workdir, step = checkpointing.locate_workdir(path)
     source_config = checkpointing.read_config(workdir)
-    params, step = _restore(workdir, step, source_config, run, shared)
+    params, _, step = checkpointing.restore_model(workdir, source_config, run.mesh, step,
+                                                  only=shared)
     merged = {**dict(nnx.to_flat_state(state.params)), **dict(nnx.to_flat_state(params))}
     params = nnx.from_flat_state(list(merged.items()))
     state = state.replace(params=params,
@@ -67,20 +68,6 @@ def _shared_params(ours: nnx.State, theirs: nnx.State, path: str) -> nnx.State:
     if fresh:
         logging.info("init_from: feature-prediction heads of %s start from their init.", fresh)
     return nnx.from_flat_state([(k, theirs[k]) for k in ours.keys() & theirs.keys()])
-
-
-def _restore(workdir, step, source_config, run, shared: nnx.State):
-    """The source's evaluated params (EMA when it kept them), restricted to `shared`."""
-    checkpointer = checkpointing.Checkpointer(f"{workdir}/checkpoints", async_save=False)
-    try:
-        step = checkpointer.existing_step(step)
-        field = "ema_params" if source_config.optimizer.ema_decay > 0 else "params"
-        target = {field: shared}
-        target = checkpointing.with_shardings(
-            target, sharding.state_shardings(target, run.mesh, run.config.mesh))
-        return checkpointer.restore_part(step, target)[field], step
-    finally:
-        checkpointer.close()
 
 
 def _discriminator(run, workdir: str, step: int, source_config, disc):
