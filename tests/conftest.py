@@ -132,8 +132,8 @@ def make_step(config, devices=None, frozen=None, shape=None):
 def pytest_collection_modifyitems(items):
     """With pytest-xdist (`-n 2 --dist loadgroup`): each module's tests stay on one worker, so its
     module-scoped programs compile once, and the modules that read the shared `trained_workdir`
-    run together, so it is trained once. (A per-test grouping, tried once, was not faster: 18 min
-    50 s with a few more tests, against 16 min 28 s.)"""
+    run together, so it is trained once. (A per-test grouping, tried once, took as long: 18 min
+    50 s against 18 min 39 s.)"""
     shared = {item.module.__name__ for item in items if "trained_workdir" in item.fixturenames}
     for item in items:
         module = item.module.__name__
