@@ -35,6 +35,7 @@ import tempfile
 import time
 
 import numpy as np
+from quantizer import make_data  # the same seeded data as benchmarks/quantizer.py
 
 MIB = 2**20
 METHODS = ("xla", "fused")
@@ -63,16 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 # Worker: one measurement in a fresh process.
 # ------------------------------------------------------------------------------------------------
-
-
-def make_data(num_rows: int, codebook_size: int, dim: int):
-    """Seeded unit-norm rows, as the FQGAN quantizer searches them."""
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(num_rows, dim)).astype(np.float32)
-    codebook = rng.normal(size=(codebook_size, dim)).astype(np.float32)
-    z /= np.linalg.norm(z, axis=-1, keepdims=True)
-    codebook /= np.linalg.norm(codebook, axis=-1, keepdims=True)
-    return z, codebook
 
 
 def build_search(method: str, args: argparse.Namespace, on_cpu: bool):
