@@ -30,9 +30,9 @@ def check(run, path: str) -> nnx.State:
     return _shared_params(ours, theirs, path)
 
 
-def load(run, path: str, state):
-    """`state` (a fresh TrainState of `run`) with the weights of the run at `path`."""
-    shared = check(run, path)
+def load(run, path: str, state, shared: nnx.State):
+    """`state` (a fresh TrainState of `run`) with the weights of the run at `path`; `shared` is
+    what `check` returned for it."""
     workdir, step = checkpointing.locate_workdir(path)
     source_config = checkpointing.read_config(workdir)
     params, _, step = checkpointing.restore_model(workdir, source_config, run.mesh, step,

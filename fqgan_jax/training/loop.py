@@ -40,6 +40,7 @@ class Loop:
     eval_fn: object  # jitted evaluate.eval_step
     analysis_fn: object  # jitted evaluate.analysis_step (FQGAN Figures 3-4)
     inception: object  # inception_metrics.InceptionEval for rFID / IS, or None (no weights)
+    init_params: object = None  # init_from.check's params of config.train.init_from, or None
     gan_health: GanHealth = dataclasses.field(default_factory=GanHealth)
 
     @property
@@ -60,8 +61,8 @@ def setup(config, workdir: str) -> Loop:
         data.make_source(config.data, split)  # raises DataError on missing data, early
     logging.info("data: %s", data.describe(config.data))
     checkpointing.check_config_matches(workdir, config)
-    if config.train.init_from:
-        init_from.check(run, config.train.init_from)  # another architecture: refused now
+    # Another architecture is refused now, before anything is written or compiled.
+    init_params = init_from.check(run, config.train.init_from) if config.train.init_from else None
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with atomic_write(os.path.join(workdir, "config.json"), "w") as f:
@@ -75,7 +76,7 @@ def setup(config, workdir: str) -> Loop:
                     workdir, just_logging=jax.process_index() > 0, asynchronous=True),
                 eval_fn=evaluate.compile_eval_step(config, graphdef, run.mesh),
                 analysis_fn=evaluate.compile_analysis_step(config, graphdef, run.mesh),
-                inception=inception)
+                inception=inception, init_params=init_params)
 
 
 def restore_or_init(loop: Loop, data_iterator):
@@ -84,7 +85,8 @@ def restore_or_init(loop: Loop, data_iterator):
     if step is None:
         state = loop.run.init_state()
         if loop.config.train.init_from:  # fine-tuning: another run's weights, step 0
-            state = init_from.load(loop.run, loop.config.train.init_from, state)
+            state = init_from.load(loop.run, loop.config.train.init_from, state,
+                                   loop.init_params)
         return state, {"num_skipped_images": 0, "num_converted_images": 0}
     return loop.checkpointer.restore(step, loop.run.state_target, data_iterator)
 
