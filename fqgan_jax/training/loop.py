@@ -67,7 +67,10 @@ def setup(config, workdir: str) -> Loop:
     if jax.process_index() == 0:
         with atomic_write(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    graphdef = architecture.eval_graphdef(config)  # eval.dtype, not the training dtype
+    # Eval runs in eval.dtype; the training graphdef serves when the dtypes agree (building the
+    # model's shapes again costs seconds at full size).
+    graphdef = (run.components.graphdef if config.eval.dtype == config.model.dtype
+                else architecture.eval_graphdef(config))
     return Loop(run=run, workdir=workdir,
                 checkpointer=checkpointing.Checkpointer(
                     os.path.join(workdir, "checkpoints"),
