@@ -17,10 +17,11 @@ Usage:
   python benchmarks/gan_start.py [--config=configs/dual.py:smoke] [--variants=NAME,...]
                                  [--workdir=/tmp/gan_start] [--set key=value ...]
 Variants (`--list` prints them): official (the preset as it is), warmup (D alone for 100 steps
-instead of 50), lecam (LeCam 0.05), adaptive (taming's adaptive weight), slow_d (D's lr / 4),
-damped_adam (gan.official_disc_adam_count: D's Adam counted from step 1), weight_0.05 (half the
-GAN weight). Each run takes as long as the quickstart (minutes on a CPU); run them alone on the
-machine for meaningful times.
+instead of 50), ramp (the generator's GAN weight grows over 50 steps), lecam (LeCam 0.05),
+adaptive (taming's adaptive weight), slow_d (D's lr / 4), damped_adam
+(gan.official_disc_adam_count: D's Adam counted from step 1), weight_0.05 (half the GAN weight).
+Each run takes as long as the quickstart (minutes on a CPU); run them alone on the machine for
+meaningful times.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from quickstart_runs import REPO, train
 VARIANTS = {
     "official": [],
     "warmup": ["--config.gan.disc_warmup_steps=100"],
+    "ramp": ["--config.gan.ramp_steps=50"],
     "lecam": ["--config.gan.lecam_weight=0.05"],
     "adaptive": ["--config.gan.adaptive_weight=True"],
     "slow_d": ["--config.gan.optimizer.learning_rate=5e-05"],

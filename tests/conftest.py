@@ -34,6 +34,30 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module: the benchmarks are scripts, not a package."""
+    import importlib.util  # noqa: PLC0415
+
+    path = os.path.join(REPO, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's 2 OpenMP threads spin at every barrier: on 2 shared cores, a busy neighbour (or
+    XLA's own threads) can make one reference forward take 5 s instead of 0.2. One thread costs
+    ~0.15 s more per forward and stays steady. Modules of torch parity tests use it."""
+    import torch  # noqa: PLC0415
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tiny_config(branches=("vis", "sem"), **overrides):
     """FQGAN at toy size on the bundled photos: every code path, seconds per step on CPU."""
     from fqgan_jax import config_lib

@@ -2,19 +2,14 @@
 run costs ~25 s of compile here, which the suite has no room for; its measured output is in the
 script's docstring and the README.)"""
 
-import importlib.util
 import os
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 
 def _benchmark():
-    path = os.path.join(REPO, "benchmarks", "train_step.py")
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step")
 
 
 TINY = ["--config=" + os.path.join(REPO, "configs/dual.py:smoke"), "--devices=1", "--mesh=1,1",

@@ -20,18 +20,10 @@ from torch_reference import import_torchvision
 from fqgan_jax.frozen import inception, weights
 from fqgan_jax.tools import convert
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZES = [(299, 299), (256, 256), (64, 80), (400, 333)]  # identity, upsample, small, downsample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's 2 OpenMP threads spin at every barrier: on 2 shared cores, a busy neighbour (or
-    XLA's own threads) can make one reference forward take 5 s instead of 0.2. One thread costs
-    ~0.15 s more per forward and stays steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
