@@ -72,7 +72,10 @@ def make_tiny_config(branches=("vis", "sem"), **overrides):
     # The full GAN from the first step: one compiled program per run (each adversarial phase is
     # its own program); tests/test_adversarial.py covers the phases.
     # LPIPS is off unless a test converts weights for it (tests/test_lpips.py).
-    config.gan.update(dict(weight=0.5, start=1, disc_warmup_steps=0, ndf=16))
+    # The fixed weight (the official recipe; the smoke preset's adaptive weight costs a second
+    # backward pass and has its own tests in tests/test_adversarial.py).
+    config.gan.update(dict(weight=0.5, start=1, disc_warmup_steps=0, ndf=16,
+                           adaptive_weight=False))
     config.loss.perceptual_weight = 0.0
     # The teacher's InfoNCE is off too: it adds ~15 s to each compile. tests/test_semantic.py
     # and the shared end-to-end run (`trained_workdir`) turn it on.
