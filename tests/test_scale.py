@@ -202,8 +202,9 @@ def test_sharded_quantizer_has_the_same_outputs_and_gradients():
     np.testing.assert_array_equal(sharded[1], plain[1])
     np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-6)
     # The compiler may partition the entropy term's sums over K differently around the sharded
-    # search: float32 reordering, ~1e-7 absolute on gradients of ~1e-3.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    # search: float32 reordering, ~1e-7 absolute on gradients of ~1e-3, up to 1.3e-6 at one
+    # element of 16,384 with XLA's own (non-YNNPACK) dot kernels.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-6),
                  sharded[2], plain[2])
 
 
