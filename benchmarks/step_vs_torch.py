@@ -11,7 +11,7 @@ Each side runs in its own process, one after the other (`--rounds` times, altern
 neither competes for the cores and each reports its own peak RSS: the JAX side is
 `train_step.py --json` on the same settings (compile timed apart from the steps), the torch
 side times `torch_tokenizer.train_step` on the same random uint8 images. Reported: median and
-min step, images/s, the first call (JAX: ahead-of-time compile; torch: its first step), peak
+min step, the first call (JAX: ahead-of-time compile; torch: its first step), peak
 RSS and the speed-up torch median / JAX median. The machine's other load skews both sides, so
 run it alone.
 
@@ -58,11 +58,6 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return [f"data.image_size={args.image_size}", *COMMON, *args.set]
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-
 def torch_worker(args: argparse.Namespace) -> dict:
     """Times the torch step in this process; one JSON line on stdout."""
     import numpy as np
@@ -88,7 +83,7 @@ def torch_worker(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     timed = times[args.warmup:]
     return {"first_s": times[0], "step_time_median_s": statistics.median(timed),
-            "step_time_min_s": min(timed), "process_peak_rss_bytes": _peak_rss_bytes(),
+            "step_time_min_s": min(timed), "process_peak_rss_bytes": train_step._peak_rss_bytes(),
             "last_loss": float(loss), "torch": torch.__version__, "threads": args.threads}
 
 
@@ -145,9 +140,13 @@ def main(argv=None) -> list[tuple[dict, dict]]:
     rounds = []
     for index in range(args.rounds):
         # Alternate which side goes first, so a drift in the machine's speed hits both.
-        pair = (run_jax(args), run_torch(args)) if index % 2 == 0 else tuple(
-            reversed((run_torch(args), run_jax(args))))
-        rounds.append(pair)
+        if index % 2:
+            torch_result = run_torch(args)
+            jax_result = run_jax(args)
+        else:
+            jax_result = run_jax(args)
+            torch_result = run_torch(args)
+        rounds.append((jax_result, torch_result))
         print(format_table(args, rounds).splitlines()[-1], flush=True)
     print(format_table(args, rounds))
     return rounds

@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqgan_jax.models.tokenizer import official_head_name, official_suffix
+from fqgan_jax.quantizers.factorized_vq import FactorizedQuantizer
+from fqgan_jax.tools.official_format import usage_buffer
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere in the CNN (spec §1.2)
 GROUP_NORM_EPS = 1e-6
 AVG_ENTROPY_EPS = 1e-5  # LlamaGen's log(avg_p + 1e-5) (spec §1.4)
-USAGE_WINDOW = 65536  # the official `codebook_used` buffer length
 # Keys of the official feature-prediction heads (feat_pred_head, <x>_sem_feat_pred,
 # <b>_feat_pred): training-only teacher heads that this model does not build.
 _FEAT_PRED_KEY = re.compile(r"(feat_pred_head|\w+_feat_pred)\.")
@@ -299,8 +300,7 @@ class VectorQuantizer(nn.Module):
             if l2_normalize:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
         # In the official state dict; never read or updated by the step (nor by the JAX one).
-        length = USAGE_WINDOW if codebook_size < USAGE_WINDOW else codebook_size + 1
-        self.register_buffer("codebook_used", torch.zeros(length))
+        self.register_buffer("codebook_used", torch.from_numpy(usage_buffer(codebook_size)))
 
     def forward(self, z: torch.Tensor, with_entropy: bool) -> QuantizerOutput:
         """z [N, d] float32 -> codes, indices and the losses (entropy 0 unless asked)."""
@@ -407,11 +407,9 @@ def disentangle_loss(codes: list[torch.Tensor]) -> torch.Tensor:
 
 
 def loss_weights(loss_config) -> dict[str, float]:
-    """losses.generator_loss's weights, with FactorizedQuantizer.loss_weights'."""
+    """losses.generator_loss's weights, the quantizer's taken from the JAX quantizer itself."""
     return {"reconstruction": loss_config.reconstruction_weight,
-            "codebook": loss_config.codebook_weight,
-            "commitment": loss_config.codebook_weight * loss_config.commitment_beta,
-            "entropy": loss_config.entropy_weight,
+            **FactorizedQuantizer.loss_weights(loss_config),
             "disentangle": loss_config.disentangle_weight}
 
 

@@ -24,8 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZES = [(299, 299), (256, 256), (64, 80), (400, 333)]  # identity, upsample, small, downsample
 
 
-
-
 @pytest.fixture(scope="module")
 def fid():
     import_torchvision()  # pytorch_fid imports torchvision, whose C extension may not load
