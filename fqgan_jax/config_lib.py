@@ -30,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Tokenizer architecture (spec fqgan.md §1). k = len(branches).
     config.model = ml_collections.ConfigDict(dict(
+        # Which quantizer sits between encoder and decoder (fqgan_jax/quantizers/registry.py):
+        # "vq" FQGAN's factorized VQ (LlamaGen's when k = 1), "lc" VQGAN-LC's projected frozen
+        # codebook, "fvq" FVQ's VQBridge-mapped codebook, "lfq" Open-MAGVIT2's lookup-free
+        # quantizer. lc, fvq and lfq take one branch (k = 1); their settings are below.
+        quantizer="vq",
         branches=("vis", "sem"),  # sub-codebook names, in decoder concatenation order
         ch=128,
         ch_mult=(1, 1, 2, 2, 4),  # ds16; (1, 2, 2, 4) is ds8
@@ -48,6 +53,47 @@ def base_config() -> ml_collections.ConfigDict:
         shard_codebook=False,  # search codebook rows split over the mesh's fsdp axis (large K)
         remat=False,  # recompute encoder/decoder ResnetBlocks in the backward pass (less memory)
         dtype="bfloat16",  # compute dtype; params and the quantizer stay float32
+    ))
+    # VQGAN-LC (spec large_codebooks.md §A): a K x feature_dim codebook of clustered features,
+    # written by `python -m fqgan_jax.tools.init_codebook`, seen through a trained projector.
+    config.model.lc = ml_collections.ConfigDict(dict(
+        codebook_path="",  # .npy [codebook_size, feature_dim] from tools.init_codebook
+        feature_dim=768,  # CLIP ViT-L/14 patch features after ln_post and the projection
+        projector="linear",  # "linear" (official default) | "mlp" (feature_dim -> hidden -> d)
+        mlp_hidden=256,
+        # Official tuning_codebook: 0 the file's codebook, frozen (paper); 1 the file's, trained;
+        # -1 random uniform(+-1/K), trained; -2 random, frozen.
+        tuning_codebook=0,
+        codebook_ratio=0.33,  # the projector term's weight relative to the commitment term; the
+        # pair is scaled by loss.codebook_weight (LC: rate_q = 0.1)
+        # tools.init_codebook: features of `init_encoder` over the training data, pooled
+        # init_pool x init_pool, clustered by k-means per class (k = codebook_size / classes,
+        # the official recipe) or over all features at once ("global", for unlabeled data).
+        init_encoder="clip_vit_l14",  # a teacher kind (fqgan_jax/frozen/teachers.py)
+        init_encoder_path="",  # "" = the weights dir, as teachers
+        init_pool=4,
+        init_clustering="per_class",  # "per_class" | "global"
+        init_iterations=20,  # Lloyd iterations (full passes over the features)
+        init_max_images=0,  # 0 = the whole training split
+        init_batch_size=64,  # images per feature-extraction batch (global)
+    ))
+    # FVQ (spec large_codebooks.md §B): a raw codebook C mapped through VQBridge each step.
+    config.model.fvq = ml_collections.ConfigDict(dict(
+        group_size=16,  # codes compressed into one bridge token (official 4 x 4 at 16k, 8 x 8
+        # at 65k and 262k); any codebook_size: the last group is zero-padded
+        width=256,  # bridge token width D
+        depth=2,
+        heads=4,
+        mlp_ratio=2.0,
+    ))
+    # Open-MAGVIT2 LFQ (spec large_codebooks.md §C): code_dim sign bits, codebook_size = 2^bits.
+    config.model.lfq = ml_collections.ConfigDict(dict(
+        entropy_temperature=0.01,
+        sample_entropy_weight=1.0,  # per-token entropy (minimized)
+        batch_entropy_weight=1.0,  # entropy of the batch-mean distribution (maximized)
+        entropy_group_bits=9,  # the 2^bits distribution is computed as groups of this many bits
+        batch_entropy_scope="shard",  # "shard": each device's tokens, as the official;
+        # "global": all tokens of the step
     ))
 
     # Generator objective (spec fqgan.md §4.1).
@@ -96,7 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     config.gan.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=2e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
-        schedule="constant", warmup_steps=0, min_lr_ratio=0.0))
+        schedule="constant", warmup_steps=0, warmup_init_ratio=0.0, min_lr_ratio=0.0,
+        annealing_plateau=0.3, annealing_shape="linear"))
 
     # Adam(0.9, 0.95), lr 2e-4, clip 1.0, constant (spec fqgan.md §4.3).
     config.optimizer = ml_collections.ConfigDict(dict(
@@ -106,9 +153,15 @@ def base_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         weight_decay=0.0,  # official parses 0.05 but never passes it to Adam
         grad_clip_norm=1.0,
-        schedule="constant",  # "constant" | "warmup_cosine"
+        # "constant" | "warmup_cosine" | "annealing" (FVQ's learning annealing, spec
+        # large_codebooks.md §B.5: full rate for `annealing_plateau` of the post-warm-up steps,
+        # then a linear or cosine decay to min_lr_ratio; fqgan_jax/training/schedules.py)
+        schedule="constant",
         warmup_steps=0,
-        min_lr_ratio=0.0,  # cosine floor, as a fraction of learning_rate
+        warmup_init_ratio=0.0,  # the warm-up starts at this fraction of learning_rate (FVQ 0.005)
+        min_lr_ratio=0.0,  # the decay's floor, as a fraction of learning_rate
+        annealing_plateau=0.3,
+        annealing_shape="linear",  # "linear" | "cos"
         ema_decay=0.0,  # 0 disables the EMA copy of the params
     ))
 
@@ -293,8 +346,14 @@ def preset(arg: str | None, presets: tuple[str, ...]) -> str:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "loss.reconstruction": ("l2", "l1"),
-    "optimizer.schedule": ("constant", "warmup_cosine"),
-    "gan.optimizer.schedule": ("constant", "warmup_cosine"),
+    "model.quantizer": ("vq", "lc", "fvq", "lfq"),
+    "model.lc.projector": ("linear", "mlp"),
+    "model.lc.init_clustering": ("per_class", "global"),
+    "model.lfq.batch_entropy_scope": ("shard", "global"),
+    "optimizer.schedule": ("constant", "warmup_cosine", "annealing"),
+    "gan.optimizer.schedule": ("constant", "warmup_cosine", "annealing"),
+    "optimizer.annealing_shape": ("linear", "cos"),
+    "gan.optimizer.annealing_shape": ("linear", "cos"),
     "gan.generator_loss": ("hinge", "non_saturating", "non_saturating_per_image"),
     "data.source": ("tfds", "folder", "photos"),
     "data.augment": ("adm", "crop"),

@@ -9,9 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from fqgan_jax import quantizers
 from fqgan_jax.quantizers import pallas_search, search
 
 TARGETS = ("tpu", "gpu")
@@ -146,10 +144,10 @@ def test_supported_platforms(monkeypatch):
     assert not pallas_search.supported("cpu") and not pallas_search.supported("rocm")
     monkeypatch.setenv("FQGAN_JAX_FUSED_SEARCH", "0")
     assert not pallas_search.supported("tpu")
-    # The factorized quantizer searches through the automatic choice (unsharded codebooks).
-    quantizer = quantizers.FactorizedQuantizer(num_codebooks=2, codebook_size=16, code_dim=4,
-                                               rngs=nnx.Rngs(0))
-    assert quantizer._search_function() is pallas_search.auto_nearest_code
+    # Quantizers search through the automatic choice when the codebook is not sharded, or its
+    # axis has one device.
+    assert pallas_search.search_function(None) is pallas_search.auto_nearest_code
+    assert pallas_search.search_function("fsdp") is pallas_search.auto_nearest_code
 
 
 def has_pallas_call(function, *args) -> bool:

@@ -2,10 +2,11 @@
 
 Dataflow (spec fqgan.md §1.1): images [B, H, W, 3] -> `encoder` trunk -> for each branch b, in
 the order of `branches`: `branches[b]` head -> latent [B, h, w, d]; the k latents are stacked to
-[B, h, w, k, d] and quantized by one `FactorizedQuantizer` (codebook [k, K, d], sub-code i uses
-codebook i only) -> codes concatenated in branch order to [B, h, w, k*d] -> `post_quant_conv` ->
-`decoder`. ("vis", "sem") is FQGAN-Dual, ("vis", "sem_mid", "sem_high") FQGAN-Triple, and ("vq",)
-with `adapter_layers=0` is exactly LlamaGen's VQGAN.
+[B, h, w, k, d] and quantized by the quantizer `config.model.quantizer` names (by default one
+`FactorizedQuantizer`: codebook [k, K, d], sub-code i uses codebook i only) -> codes
+concatenated in branch order to [B, h, w, k*d] -> `post_quant_conv` -> `decoder`. ("vis",
+"sem") is FQGAN-Dual, ("vis", "sem_mid", "sem_high") FQGAN-Triple, and ("vq",) with
+`adapter_layers=0` is exactly LlamaGen's VQGAN.
 
 `official_key_to_path` is the rename table from the official PyTorch state_dicts (spec §7.2,
 `official_keys_tokenizer.tsv`) to this module's parameter paths.
@@ -26,7 +27,7 @@ from fqgan_jax.models.decoder import Decoder
 from fqgan_jax.models.encoder import Encoder, EncoderBranch
 from fqgan_jax.models.feat_pred_head import FeatPredHead
 from fqgan_jax.models.layers import conv2d
-from fqgan_jax.quantizers import FactorizedQuantizer, QuantizerOutput
+from fqgan_jax.quantizers import FactorizedQuantizer, QuantizerOutput, registry
 
 
 class Tokenizer(nnx.Module):
@@ -38,7 +39,7 @@ class Tokenizer(nnx.Module):
                  codebook_size: int, code_dim: int, l2_normalize: bool,
                  entropy_temperature: float, search_memory_mb: int, dtype, rngs: nnx.Rngs,
                  teacher_widths: Mapping[str, int] | None = None, shard_codebook: bool = False,
-                 remat: bool = False):
+                 remat: bool = False, quantizer: ml_collections.ConfigDict | None = None):
         dtype = jnp.dtype(dtype)
         self.branch_names = tuple(branches)
         self.code_dim = code_dim
@@ -53,12 +54,17 @@ class Tokenizer(nnx.Module):
                                 adapter_heads=adapter_heads, adapter_mlp_ratio=adapter_mlp_ratio,
                                 dtype=dtype, rngs=rngs)
             for name in self.branch_names})
-        self.quantize = FactorizedQuantizer(
-            num_codebooks=len(self.branch_names), codebook_size=codebook_size,
-            code_dim=code_dim, l2_normalize=l2_normalize,
-            entropy_temperature=entropy_temperature,
-            memory_budget_bytes=int(search_memory_mb * 2**20),
-            shard_axis=sharding.FSDP_AXIS if shard_codebook else None, rngs=rngs)
+        shard_axis = sharding.FSDP_AXIS if shard_codebook else None
+        if quantizer is None:  # FQGAN's factorized VQ from the keyword sizes
+            self.quantize = FactorizedQuantizer(
+                num_codebooks=len(self.branch_names), codebook_size=codebook_size,
+                code_dim=code_dim, l2_normalize=l2_normalize,
+                entropy_temperature=entropy_temperature,
+                memory_budget_bytes=int(search_memory_mb * 2**20), shard_axis=shard_axis,
+                rngs=rngs)
+        else:  # a `config.model` naming any quantizer of quantizers/registry.py
+            self.quantize = registry.build_quantizer(quantizer, num_codebooks=len(
+                self.branch_names), shard_axis=shard_axis, rngs=rngs)
         self.post_quant_conv = conv2d(len(self.branch_names) * code_dim, z_channels, 1,
                                       dtype=dtype, rngs=rngs)
         self.decoder = Decoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
@@ -90,7 +96,7 @@ class Tokenizer(nnx.Module):
                    l2_normalize=c.l2_normalize, entropy_temperature=c.entropy_temperature,
                    search_memory_mb=c.search_memory_mb, dtype=c.dtype, rngs=rngs,
                    teacher_widths=teacher_widths, shard_codebook=c.shard_codebook,
-                   remat=c.remat)
+                   remat=c.remat, quantizer=c)
 
     @property
     def num_codebooks(self) -> int:

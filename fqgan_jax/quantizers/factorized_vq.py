@@ -14,12 +14,8 @@ from jax import lax
 
 from fqgan_jax.quantizers.entropy import entropy_loss
 from fqgan_jax.quantizers.interface import QuantizerOutput, health_stats
-from fqgan_jax.quantizers.pallas_search import auto_nearest_code
-from fqgan_jax.quantizers.search import (
-    DEFAULT_MEMORY_BUDGET_BYTES,
-    context_axis_size,
-    sharded_nearest_code,
-)
+from fqgan_jax.quantizers.pallas_search import search_function
+from fqgan_jax.quantizers.search import DEFAULT_MEMORY_BUDGET_BYTES
 from fqgan_jax.quantizers.straight_through import straight_through
 
 # F.normalize's default epsilon (LlamaGen normalizes with torch.nn.functional.normalize).
@@ -69,6 +65,20 @@ class FactorizedQuantizer(nnx.Module):
         init = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
         self.codebook = nnx.Param(l2_normalized(init) if l2_normalize else init)
 
+    @classmethod
+    def from_config(cls, model_config, *, num_codebooks: int, shard_axis: str | None,
+                    rngs: nnx.Rngs) -> "FactorizedQuantizer":
+        c = model_config
+        return cls(num_codebooks=num_codebooks, codebook_size=c.codebook_size,
+                   code_dim=c.code_dim, l2_normalize=c.l2_normalize,
+                   entropy_temperature=c.entropy_temperature,
+                   memory_budget_bytes=int(c.search_memory_mb * 2**20), shard_axis=shard_axis,
+                   rngs=rngs)
+
+    @staticmethod
+    def initial_values(model_config) -> dict:
+        return {}  # random init only
+
     def _search_codebook(self) -> jax.Array:
         """The codebook as searched: rows re-normalized at use time (spec fqgan.md §7.2)."""
         codebook = jnp.asarray(self.codebook[...], jnp.float32)
@@ -88,7 +98,7 @@ class FactorizedQuantizer(nnx.Module):
         # One search per sub-codebook in a single vmap; the budget is shared between them because
         # vmap runs all k chunk searches side by side.
         search = functools.partial(
-            self._search_function(), normalized=self.l2_normalize,
+            search_function(self.shard_axis), normalized=self.l2_normalize,
             memory_budget_bytes=max(1, self.memory_budget_bytes // self.num_codebooks),
         )
         indices = jax.vmap(search, in_axes=(1, 0), out_axes=1)(z, codebook)
@@ -112,12 +122,6 @@ class FactorizedQuantizer(nnx.Module):
         return {"codebook": loss_config.codebook_weight,
                 "commitment": loss_config.codebook_weight * loss_config.commitment_beta,
                 "entropy": loss_config.entropy_weight}
-
-    def _search_function(self):
-        if self.shard_axis and context_axis_size(self.shard_axis) > 1:
-            return functools.partial(sharded_nearest_code, axis=self.shard_axis)
-        # The fused Pallas kernel on GPU/TPU (checked exact at first use), else nearest_code.
-        return auto_nearest_code
 
     def _entropy(self, z: jax.Array, codebook: jax.Array) -> jax.Array:
         loss = functools.partial(

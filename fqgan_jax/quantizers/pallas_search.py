@@ -54,7 +54,9 @@ from jax.experimental import pallas as pl
 from fqgan_jax.quantizers.search import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     check_rows_and_codebook,
+    context_axis_size,
     nearest_code,
+    sharded_nearest_code,
 )
 
 TARGETS = ("tpu", "gpu")
@@ -398,3 +400,13 @@ def auto_nearest_code(
         return fused_nearest_code(z, codebook, normalized=normalized, target=target)
     return nearest_code(z, codebook, normalized=normalized,
                         memory_budget_bytes=memory_budget_bytes)
+
+
+def search_function(shard_axis: str | None):
+    """The nearest-code search a quantizer should call, as `f(z, codebook, *, normalized,
+    memory_budget_bytes)`: over codebook rows split across `shard_axis` when the program is
+    traced under a mesh where that axis has > 1 device (`sharded_nearest_code`), else
+    `auto_nearest_code` (the fused kernel on GPU/TPU, the chunked XLA search elsewhere)."""
+    if shard_axis and context_axis_size(shard_axis) > 1:
+        return functools.partial(sharded_nearest_code, axis=shard_axis)
+    return auto_nearest_code

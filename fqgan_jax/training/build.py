@@ -36,8 +36,11 @@ class Run:
         return jax.tree.map(lambda leaf: leaf.sharding, self.state_target)
 
     def init_state(self) -> train_state.TrainState:
-        """A fresh state from config.seed, created directly with its shardings."""
-        return train_state.create_train_state(self.config, self.components, self.state_shardings)
+        """A fresh state from config.seed, created directly with its shardings, with the
+        quantizer's file-initialized variables (VQGAN-LC's codebook) read in."""
+        state = train_state.create_train_state(self.config, self.components,
+                                               self.state_shardings)
+        return train_state.with_quantizer_files(state, self.config)
 
     def batch_target(self) -> dict:
         """The global train batch's shape, dtype and sharding."""

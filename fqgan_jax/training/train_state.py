@@ -19,6 +19,7 @@ from flax import nnx
 
 from fqgan_jax import architecture, checkpointing, config_lib, sharding
 from fqgan_jax.frozen import lpips, teachers
+from fqgan_jax.quantizers import registry
 
 # Codes never assigned carry this "last seen" step, far outside any usage window.
 NEVER_SEEN = -(2**30)
@@ -143,6 +144,41 @@ def initial_state(config: ml_collections.ConfigDict, components: Components,
         disc=_initial_disc_state(config, components.disc_tx, disc_rng)
         if components.disc_tx is not None else None,
     )
+
+
+def with_quantizer_files(state: TrainState, config) -> TrainState:
+    """`state` with the quantizer variables that `registry.initial_values` reads from files
+    (VQGAN-LC's codebook) in place of their random init, in params, EMA params or model state,
+    wherever the variable lives, each placed with its leaf's sharding."""
+    values = registry.initial_values(config.model)
+    if not values:
+        return state
+    replaced = set()
+
+    def fill(tree):
+        if tree is None:
+            return None
+        flat = dict(nnx.to_flat_state(tree))
+        for path, value in values.items():
+            key = ("quantize", *path)
+            if key in flat:
+                leaf = flat[key]
+                if tuple(value.shape) != tuple(leaf.value.shape):
+                    raise ValueError(f"quantize/{'/'.join(map(str, path))}: the file holds "
+                                     f"{tuple(value.shape)}, the model needs "
+                                     f"{tuple(leaf.value.shape)}.")
+                flat[key] = leaf.replace(jax.device_put(
+                    jnp.asarray(value, leaf.value.dtype), leaf.value.sharding))
+                replaced.add(path)
+        return nnx.from_flat_state(flat)
+
+    state = state.replace(params=fill(state.params), ema_params=fill(state.ema_params),
+                          model_state=fill(state.model_state))
+    missing = set(values) - replaced
+    if missing:
+        raise ValueError(f"Quantizer file values for {sorted(missing)} match no variable of "
+                         "the model.")
+    return state
 
 
 def abstract_state(config, components: Components) -> TrainState:
