@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import os
 import re
+import sys
 
 import ml_collections
 
@@ -331,6 +332,18 @@ def check_overrides(argv: list[str]) -> None:
             raise ConfigError(unknown_key_message(match.group(1), known))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for a command with `--config` (app.run's flags_parser), after
+    checking `--config.*` keys, so a typo fails with close matches, not a traceback."""
+    from absl import flags  # noqa: PLC0415 (the schema itself needs no absl)
+
+    try:
+        check_overrides(argv)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    return flags.FLAGS(argv)
+
+
 def preset(arg: str | None, presets: tuple[str, ...]) -> str:
     """Validates a `get_config(arg)` preset name."""
     name = arg or ""
@@ -431,6 +444,46 @@ def _model_problems(model, image_size):
                         f"config.model.adapter_heads={model.adapter_heads}.")
     if model.codebook_size < 2 or model.code_dim < 1:
         problems.append("config.model.codebook_size must be >= 2 and code_dim >= 1.")
+    return problems + _quantizer_problems(model)
+
+
+def _quantizer_problems(model):
+    """What each non-default quantizer needs (the modules check shapes again when built)."""
+    name = model.quantizer
+    if name == "vq":
+        return []
+    problems = []
+    if len(tuple(model.branches)) != 1:
+        problems.append(f"config.model.quantizer={name!r} quantizes one latent: set "
+                        f"config.model.branches to one name (e.g. ('vq',)), not "
+                        f"{tuple(model.branches)}.")
+    if name == "lfq" and model.codebook_size != 2 ** model.code_dim:
+        problems.append(f"LFQ's codes are code_dim={model.code_dim} sign bits, so "
+                        f"config.model.codebook_size must be 2**{model.code_dim} = "
+                        f"{2 ** model.code_dim}, got {model.codebook_size}.")
+    if name == "lfq" and model.lfq.entropy_group_bits < 1:
+        problems.append("config.model.lfq.entropy_group_bits must be >= 1.")
+    if name == "lc":
+        lc = model.lc
+        if lc.tuning_codebook not in (0, 1, -1, -2):
+            problems.append(f"config.model.lc.tuning_codebook={lc.tuning_codebook} must be 0 "
+                            "(file, frozen), 1 (file, trained), -1 (random, trained) or -2 "
+                            "(random, frozen).")
+        elif lc.tuning_codebook >= 0 and not lc.codebook_path:
+            problems.append("config.model.lc.codebook_path is empty, but tuning_codebook="
+                            f"{lc.tuning_codebook} starts from a clustered codebook. Make one "
+                            "with `python -m fqgan_jax.tools.init_codebook --config=<this "
+                            "config> --output=codebook.npy` and pass "
+                            "--config.model.lc.codebook_path=codebook.npy.")
+        if lc.init_pool < 1 or lc.init_iterations < 1 or lc.init_batch_size < 1:
+            problems.append("config.model.lc.init_pool, init_iterations and init_batch_size "
+                            "must be >= 1.")
+    if name == "fvq":
+        fvq = model.fvq
+        if min(fvq.group_size, fvq.width, fvq.depth, fvq.heads) < 1 or fvq.width % fvq.heads:
+            problems.append(f"config.model.fvq needs positive group_size, width, depth and heads "
+                            f"with width divisible by heads; got group_size={fvq.group_size}, "
+                            f"width={fvq.width}, depth={fvq.depth}, heads={fvq.heads}.")
     return problems
 
 

@@ -7,7 +7,8 @@
     codebook = tok.codebook()    # float32 [k, K, d], as the decoder sees it (Figure 4)
 
 The path may be a workdir, its `checkpoints/` folder, or one step folder inside it. EMA params
-are used when the run kept them.
+are used when the run kept them. A VQGAN-LC or FVQ tokenizer is loaded in its materialized form
+(`materialize.py`): a plain VQ over the mapped codebook, as cheap as a LlamaGen VQGAN.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqgan_jax import architecture, checkpointing, config_lib, sharding
+from fqgan_jax import architecture, checkpointing, config_lib, materialize, sharding
 from fqgan_jax.data.pixels import images_to_float, to_uint8
 from fqgan_jax.eval import codebook_analysis
 
@@ -88,4 +89,5 @@ def load_tokenizer(path: str) -> Tokenizer:
     config = checkpointing.read_config(workdir)
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
     params, model_state, _ = checkpointing.restore_model(workdir, config, mesh, step=step)
-    return Tokenizer(config, params, model_state)
+    # LC's and FVQ's codebooks are computed once here, not on every encode.
+    return Tokenizer(*materialize.materialize(config, params, model_state))

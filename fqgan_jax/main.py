@@ -37,11 +37,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def parse_flags(argv):
     """Checks `--config.*` keys first, so a typo fails with close matches, not a traceback."""
     from fqgan_jax import config_lib  # noqa: PLC0415 (keeps `--help` fast)
-    try:
-        config_lib.check_overrides(argv)
-    except config_lib.ConfigError as error:
-        sys.exit(f"error: {error}")
-    return flags.FLAGS(argv)
+    return config_lib.parse_flags(argv)
 
 
 def main(argv):

@@ -12,6 +12,7 @@ from flax import nnx
 
 from fqgan_jax import architecture, config_lib, sharding
 from fqgan_jax.objectives import adversarial, losses
+from fqgan_jax.training import schedules
 from fqgan_jax.training import train_state as ts
 
 
@@ -364,7 +365,7 @@ def test_official_disc_adam_count_sequence_under_a_constant_gradient():
     config = make_tiny_config()
     config.gan.official_disc_adam_count = True
     tx = ts.make_optimizer(config.gan.optimizer,
-                           ts.learning_rate_schedule(config.gan.optimizer, 100))
+                           schedules.learning_rate_schedule(config.gan.optimizer, 100))
     params = {"w": jnp.zeros((3,))}
     opt_state, grads, steps = tx.init(params), {"w": jnp.full((3,), 0.1)}, []
     for step in range(19_999, 20_004):

@@ -222,3 +222,56 @@ def test_wrong_shape_error_names_the_file_and_the_array(tower, tmp_path):
                              r"encoder.layers.1.mlp.fc1.weight \(expected \(128, 64\), "
                              r"found \(64, 64\)\).*huggingface-cli download"):
         clip_vision.load_clip_vision(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# The visual projection of the patch tokens (VQGAN-LC's codebook features, spec
+# large_codebooks.md §A.1), against transformers' CLIPVisionModelWithProjection.
+
+PROJECTION_DIM = 48
+
+
+@pytest.fixture(scope="module")
+def projected_tower(transformers, tmp_path_factory):
+    torch.manual_seed(4)
+    config = transformers.CLIPVisionConfig(**TINY, projection_dim=PROJECTION_DIM)
+    model = transformers.CLIPVisionModelWithProjection(config).eval()
+    directory = tmp_path_factory.mktemp("clip_projection")
+    model.save_pretrained(directory, safe_serialization=True)
+    return model, str(directory)
+
+
+def test_projected_patches_match_transformers(projected_tower):
+    """patch_embeds = visual_projection(post_layernorm(patch tokens)); image_embeds is HF's."""
+    model, directory = projected_tower
+    pixels = normalized_pixels(seed=5)
+    with torch.no_grad():
+        out = model(torch.from_numpy(pixels))
+        patches = model.visual_projection(
+            model.vision_model.post_layernorm(out.last_hidden_state[:, 1:])).numpy()
+    tower = clip_vision.load_clip_vision(directory, with_projection=True)
+    assert tower.projection_dim == PROJECTION_DIM
+    got = jax.tree.map(np.asarray, tower(nhwc(pixels)))
+    assert got["patch_embeds"].shape == (2, 16, PROJECTION_DIM)
+    patch_diff = np.abs(got["patch_embeds"] - patches).max()
+    embeds_diff = np.abs(got["image_embeds"] - out.image_embeds.numpy()).max()
+    print(f"max |diff|: patch_embeds {patch_diff:.2e}, image_embeds {embeds_diff:.2e}")
+    assert max(patch_diff, embeds_diff) < ATOL
+    # The same file loads without the projection too, as the FQGAN teacher does.
+    plain = clip_vision.load_clip_vision(directory)(nhwc(pixels))
+    assert "patch_embeds" not in plain
+    np.testing.assert_allclose(plain["cls"], got["cls"], atol=1e-6)
+
+
+def test_projection_of_a_full_clip_config_and_its_absence(tower, tmp_path):
+    """CLIPConfig keeps projection_dim at the top level; a file without visual_projection
+    cannot fill a tower that wants one."""
+    assert clip_vision.projection_dim_from_hf_config(
+        {"model_type": "clip", "projection_dim": 768,
+         "vision_config": {"projection_dim": 512}}) == 768
+    assert clip_vision.projection_dim_from_hf_config({"model_type": "clip_vision_model"}) == 512
+    assert clip_vision.official_key_to_path("visual_projection.weight",
+                                            with_projection=True) == ("visual_projection",
+                                                                      "kernel")
+    with pytest.raises(weights.PretrainedError, match="1 missing: visual_projection.weight"):
+        clip_vision.load_clip_vision(tower[1], with_projection=True)

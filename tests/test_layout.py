@@ -14,7 +14,7 @@ RANKS = {
     "xla_flags": 0, "atomic_file": 0, "config_lib": 0, "sharding": 0,
     "data": 1, "quantizers": 1,
     "models": 2, "frozen": 2,
-    "architecture": 3, "checkpointing": 3,
+    "architecture": 3, "checkpointing": 3, "materialize": 4,
     "objectives": 4, "eval": 4,
     "training": 5,
     "inference": 6, "tools": 6, "main": 6, "run_log": 6, "__init__": 6,

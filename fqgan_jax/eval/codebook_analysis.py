@@ -162,7 +162,10 @@ def tsne_png(codebook: np.ndarray, names: Sequence[str], path, *,
                          f"for {list(names)} (too few used codes?)")
     # sklearn requires perplexity < N; (N - 1) / 3 is where its 3 * perplexity neighbours run out.
     perplexity = min(perplexity, (len(points) - 1) / 3.0)
-    embedding = TSNE(n_components=2, perplexity=perplexity, init="pca",
+    # PCA init on points without spread (FVQ's codebook is all zeros at step 0) crashes
+    # sklearn's TSNE (a segfault); random init embeds them as a blob.
+    init = "pca" if np.ptp(points, axis=0).max() > 0 else "random"
+    embedding = TSNE(n_components=2, perplexity=perplexity, init=init,
                      random_state=seed).fit_transform(points.astype(np.float64))
     title = "t-SNE of sub-codebook entries: " + ", ".join(
         f"{name} {count}" for name, count in zip(names, counts))

@@ -10,6 +10,12 @@ final encoder layer's output BEFORE `post_layernorm`, with no visual projection;
                         x + fc2(act(fc1(layer_norm2(x))))          act: quick_gelu or gelu (erf)
     last_hidden_state = x;  pooler_output = post_layernorm(x[:, 0])
 
+VQGAN-LC's codebook features (spec large_codebooks.md §A.1) are the PATCH tokens after
+`post_layernorm` and CLIP's `visual_projection` (HF CLIPVisionModelWithProjection; OpenAI's
+`ln_post` and `proj`): 768-d for ViT-L/14. A tower built with `projection_dim` (or loaded with
+`with_projection=True`) holds that bias-free projection and also returns `patch_embeds`
+[B, N, P] and HF's `image_embeds` (the projected pooled CLS); without it, nothing changes.
+
 Module and parameter names are HF's (`pre_layrnorm` is HF's spelling), so checkpoint keys map
 by a table (`official_key_to_path`) and the weights load straight from a Hugging Face snapshot
 (config.json + model.safetensors) with `load_clip_vision`: no conversion step, no torch.
@@ -30,7 +36,7 @@ from flax import nnx
 from fqgan_jax.frozen import weights
 from fqgan_jax.frozen.preprocess import normalize, resize_nearest_like_torch
 from fqgan_jax.models.adapter import linear
-from fqgan_jax.models.layers import dot_product_attention
+from fqgan_jax.models.layers import dot_product_attention, torch_kernel_init
 
 # OpenAI CLIP's image normalization (spec fqgan.md §3.1).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,6 +53,7 @@ _HF_CONFIG_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_
                            intermediate_size=3072, patch_size=32, image_size=224,
                            num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 _HF_MODEL_TYPES = ("clip", "clip_vision_model")
+_HF_DEFAULT_PROJECTION_DIM = 512  # CLIPConfig's and CLIPVisionConfig's default
 
 HOW_TO_GET = ("Download a CLIP snapshot, e.g.: huggingface-cli download "
               "openai/clip-vit-large-patch14 --include config.json model.safetensors "
@@ -170,7 +177,8 @@ class CLIPVision(nnx.Module):
     def __init__(self, *, hidden_size: int, num_layers: int, num_heads: int,
                  intermediate_size: int, patch_size: int, image_size: int,
                  hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5,
-                 num_channels: int = 3, dtype="float32", rngs: nnx.Rngs):
+                 num_channels: int = 3, projection_dim: int | None = None, dtype="float32",
+                 rngs: nnx.Rngs):
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"CLIP hidden_act {hidden_act!r} is not supported; this port has "
                              f"{', '.join(ACTIVATIONS)}.")
@@ -187,6 +195,15 @@ class CLIPVision(nnx.Module):
                              layer_norm_eps, dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
         self.post_layernorm = layer_norm(hidden_size, layer_norm_eps, rngs=rngs)
+        # HF's visual_projection: nn.Linear(hidden_size, projection_dim, bias=False).
+        self.visual_projection = nnx.Linear(
+            hidden_size, projection_dim, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+            kernel_init=torch_kernel_init(), rngs=rngs) if projection_dim else None
+
+    @property
+    def projection_dim(self) -> int | None:
+        """The width of `patch_embeds`, or None for a tower without the projection."""
+        return None if self.visual_projection is None else self.visual_projection.out_features
 
     @classmethod
     def from_hf_config(cls, config: dict, *, dtype="float32", rngs: nnx.Rngs) -> CLIPVision:
@@ -198,12 +215,21 @@ class CLIPVision(nnx.Module):
         """[B, S, S, 3] CLIP-normalized pixels at S = image_size -> float32
         {"last_hidden_state": [B, 1 + N, W] (HF's hidden_states[-1], pre post_layernorm),
          "pooler_output": post_layernorm of its CLS, [B, W],
-         "cls": its CLS, [B, W] (the FQGAN teacher feature, spec §3.1)}."""
+         "cls": its CLS, [B, W] (the FQGAN teacher feature, spec §3.1)},
+        and with the projection also
+        {"image_embeds": visual_projection(pooler_output), [B, P] (HF's),
+         "patch_embeds": visual_projection(post_layernorm(patch tokens)), [B, N, P] (the
+         VQGAN-LC codebook features, spec large_codebooks.md §A.1; row-major patch order)}."""
         hidden = self.pre_layrnorm(self.embeddings(pixels))
         hidden = self.encoder(hidden)
         cls = hidden[:, 0]
-        return {"last_hidden_state": hidden, "pooler_output": self.post_layernorm(cls),
-                "cls": cls}
+        outputs = {"last_hidden_state": hidden, "pooler_output": self.post_layernorm(cls),
+                   "cls": cls}
+        if self.visual_projection is not None:
+            project = lambda x: self.visual_projection(x).astype(jnp.float32)  # noqa: E731
+            outputs["image_embeds"] = project(outputs["pooler_output"])
+            outputs["patch_embeds"] = project(self.post_layernorm(hidden[:, 1:]))
+        return outputs
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """Tokenizer images ([-1, 1], [B, H, W, 3]) -> this tower's input; see `preprocess`."""
@@ -241,9 +267,24 @@ def sizes_from_hf_config(config: dict) -> dict:
         num_channels=config["num_channels"])
 
 
-def random_init(preset_or_sizes: dict, seed: int = 0, dtype="float32") -> CLIPVision:
-    """A randomly initialised tower (e.g. CLIP_VIT_L14) for smoke runs without weights."""
-    return CLIPVision(**preset_or_sizes, dtype=dtype, rngs=nnx.Rngs(seed))
+def projection_dim_from_hf_config(config: dict) -> int:
+    """`visual_projection`'s output width from a HF config.json: CLIPConfig's top-level
+    `projection_dim` (what transformers uses), else its vision config's (a
+    CLIPVisionConfig saved by CLIPVisionModelWithProjection has it at the top), else HF's
+    default 512."""
+    for section in (config, config.get("vision_config_dict") or {},
+                    config.get("vision_config") or {}):
+        if section.get("projection_dim") is not None:
+            return int(section["projection_dim"])
+    return _HF_DEFAULT_PROJECTION_DIM
+
+
+def random_init(preset_or_sizes: dict, seed: int = 0, dtype="float32",
+                projection_dim: int | None = None) -> CLIPVision:
+    """A randomly initialised tower (e.g. CLIP_VIT_L14) for smoke runs without weights; with
+    `projection_dim`, with the visual projection too."""
+    return CLIPVision(**preset_or_sizes, projection_dim=projection_dim, dtype=dtype,
+                      rngs=nnx.Rngs(seed))
 
 
 # Keys of a full CLIPModel / CLIPVisionModelWithProjection checkpoint that the tower does not use.
@@ -254,7 +295,7 @@ _LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 _NORMS = ("pre_layrnorm", "post_layernorm", "layer_norm1", "layer_norm2")
 
 
-def official_key_to_path(official_key: str) -> tuple | None:
+def official_key_to_path(official_key: str, with_projection: bool = False) -> tuple | None:
     """One HF CLIP state_dict key -> our parameter path, or None if the tower does not use it.
 
     A CLIPModel checkpoint (the hub's openai/clip-vit-*) and transformers 4.x's CLIPVisionModel
@@ -262,8 +303,11 @@ def official_key_to_path(official_key: str) -> tuple | None:
     writes them bare. Both are accepted. The path mirrors the key: `encoder.layers.3.mlp.fc1.weight`
     -> ("encoder", "layers", 3, "mlp", "fc1", "kernel"); torch's `weight` is a LayerNorm `scale`,
     otherwise a `kernel` (which also needs a transpose: `from_hf_state_dict`). None for the text
-    model, the projections, `logit_scale` and the `position_ids` buffers.
+    model, the projections, `logit_scale` and the `position_ids` buffers; `with_projection`
+    (a tower built with `projection_dim`) maps `visual_projection.weight` too.
     """
+    if with_projection and official_key == "visual_projection.weight":
+        return ("visual_projection", "kernel")
     key = official_key.removeprefix("vision_model.")
     if official_key.startswith(_IGNORED_PREFIXES) or key in _IGNORED_KEYS:
         return None
@@ -302,20 +346,29 @@ def from_hf_state_dict(state: dict[str, np.ndarray], abstract: nnx.State) -> nnx
 
     Every parameter must get exactly one value of its shape; a key of the vision tower that
     has no parameter here is an error too (a deeper or differently built tower). All problems
-    are reported at once, as one PretrainedError naming the keys.
+    are reported at once, as one PretrainedError naming the keys. The visual projection is read
+    when `abstract` has one (a tower built with `projection_dim`).
     """
-    return weights.fill_params(state, abstract, key_to_path=official_key_to_path,
-                               path_to_key=_official_key, what="CLIP vision tower")
+    with_projection = any(path[0] == "visual_projection"
+                          for path, _ in nnx.to_flat_state(abstract))
+    return weights.fill_params(
+        state, abstract, path_to_key=_official_key, what="CLIP vision tower",
+        key_to_path=lambda key: official_key_to_path(key, with_projection=with_projection))
 
 
-def load_clip_vision(path: str, *, dtype="float32") -> CLIPVision:
+def load_clip_vision(path: str, *, dtype="float32", with_projection: bool = False
+                     ) -> CLIPVision:
     """The tower of a HF snapshot directory (config.json + weights) or weights file, computing
-    in `dtype`. Built shape-only first, so no random init runs; errors are PretrainedErrors that
-    name `path` and how to download the weights."""
+    in `dtype`; `with_projection` also reads `visual_projection.weight` (a CLIPModel or
+    CLIPVisionModelWithProjection checkpoint; its width from config.json). Built shape-only
+    first, so no random init runs; errors are PretrainedErrors that name `path` and how to
+    download the weights."""
     try:
         config = weights.read_config(path)
         sizes = sizes_from_hf_config(config)
-        module = nnx.eval_shape(lambda: CLIPVision(**sizes, dtype=dtype, rngs=nnx.Rngs(0)))
+        projection_dim = projection_dim_from_hf_config(config) if with_projection else None
+        module = nnx.eval_shape(lambda: CLIPVision(**sizes, projection_dim=projection_dim,
+                                                   dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, abstract = nnx.split(module, nnx.Param)
         params = from_hf_state_dict(weights.read_state_dict(path), abstract)
     except ValueError as error:  # PretrainedError included; also a config it cannot build

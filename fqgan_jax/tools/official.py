@@ -55,7 +55,9 @@ bit.
 
 FVQ (large_codebooks.md §B): its exported checkpoints have LlamaGen's layout with code_dim 256
 and no l2-normalized search: --config=configs/vqgan.py --config.model.code_dim=256
---config.model.l2_normalize=False (plus --config.model.codebook_size=65536 or 262144).
+--config.model.l2_normalize=False (plus --config.model.codebook_size=65536 or 262144). Exporting
+a VQGAN-LC or FVQ workdir trained here writes that same layout: the mapped codebook is computed
+once and written as the plain codebook (`materialized`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fqgan_jax import architecture, checkpointing, config_lib, sharding
+from fqgan_jax import architecture, checkpointing, config_lib, materialize, sharding
 from fqgan_jax.atomic_file import atomic_write
 from fqgan_jax.frozen import weights
 from fqgan_jax.frozen.weights import PretrainedError
@@ -258,8 +260,10 @@ def restore_variables(workdir: str, config, step: int | None = None) -> tuple[di
     """({"params", maybe "ema_params", maybe "disc": {"params", "batch_stats"}}, step) of
     checkpoint `step` (default: the latest), on one device; optimizer moments stay on disk."""
     mesh = sharding.make_mesh(config_lib.single_device_mesh(), jax.devices()[:1])
-    params, _ = architecture.abstract_model_variables(config)
+    params, model_state = architecture.abstract_model_variables(config)
     target = {"params": params}
+    if jax.tree.leaves(model_state):  # VQGAN-LC's frozen codebook
+        target["model_state"] = model_state
     if config.optimizer.ema_decay > 0:
         target["ema_params"] = params
     if config_lib.has_discriminator(config):
@@ -298,9 +302,26 @@ def export_checkpoint(workdir: str, out: str, *, step: int | None = None
     workdir, folder_step = checkpointing.locate_workdir(os.path.expanduser(workdir))
     config = checkpointing.read_config(workdir)
     variables, step = restore_variables(workdir, config, folder_step if step is None else step)
+    config, variables = materialized(config, variables)
     checkpoint = official_checkpoint(variables, config)
     write_torch_checkpoint(out, checkpoint)
     return checkpoint, step
+
+
+def materialized(config, variables: dict) -> tuple[object, dict]:
+    """A VQGAN-LC or FVQ run's variables as the plain LlamaGen VQ they export to, with the
+    mapped codebook computed once (`fqgan_jax/materialize.py`, FVQ's convert_fullvq2vq);
+    other runs unchanged."""
+    variables = dict(variables)
+    model_state = variables.pop("model_state", nnx.State({}))
+    if not materialize.is_mapped(config):
+        return config, variables
+    plain = config
+    for field in ("params", "ema_params"):
+        if field in variables:
+            plain, variables[field], _ = materialize.materialize(config, variables[field],
+                                                                 model_state)
+    return plain, variables
 
 
 def write_torch_checkpoint(path: str, checkpoint: dict[str, dict[str, np.ndarray]]) -> None:

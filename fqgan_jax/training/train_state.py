@@ -20,6 +20,7 @@ from flax import nnx
 from fqgan_jax import architecture, checkpointing, config_lib, sharding
 from fqgan_jax.frozen import lpips, teachers
 from fqgan_jax.quantizers import registry
+from fqgan_jax.training.schedules import learning_rate_schedule
 
 # Codes never assigned carry this "last seen" step, far outside any usage window.
 NEVER_SEEN = -(2**30)
@@ -61,27 +62,6 @@ class Components:
     disc_tx: optax.GradientTransformation | None
     lpips_graphdef: nnx.GraphDef | None  # None when config.loss.perceptual_weight == 0
     teacher_graphdefs: dict[str, nnx.GraphDef]  # per taught branch; see config_lib.taught_branches
-
-
-def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 (none when warmup_steps is 0: optax warns about a 0-step ramp), then
-    constant or cosine decay to min_lr_ratio x the peak."""
-    if opt.schedule == "constant":
-        constant = optax.constant_schedule(opt.learning_rate)
-        if opt.warmup_steps == 0:
-            return constant
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), constant],
-            [opt.warmup_steps])
-    if opt.warmup_steps == 0:  # optax's own warm-up-cosine, without its 0-step ramp
-        return optax.cosine_decay_schedule(
-            opt.learning_rate, max(num_steps, 1),
-            alpha=opt.learning_rate * opt.min_lr_ratio / opt.learning_rate
-            if opt.learning_rate else 0.0)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-        decay_steps=max(num_steps, opt.warmup_steps + 1),
-        end_value=opt.learning_rate * opt.min_lr_ratio)
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule
