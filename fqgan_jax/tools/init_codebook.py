@@ -32,7 +32,8 @@ float16 keeps CLIP features to ~3 significant digits, far below the spread of a 
 sure that folder's disk has the room, or cap the images with `lc.init_max_images`. Per-class
 k-means reads one class at a time (~20k features); global k-means streams the memmap through
 the device in 1 GiB chunks on every iteration (at K = 100,000 and 20M features each iteration
-is ~3e18 FLOPs: hours on one accelerator; a subset via init_max_images is the practical path).
+is ~3e15 FLOPs, minutes on one accelerator in float32, plus reading the 31.5 GB memmap; a subset
+via init_max_images is the quicker path).
 
 Output: PATH.npy, float32 [codebook_size, feature_dim], written atomically, and PATH.json, a
 manifest (encoder, pooling, clustering, K, images, features, inertia, seed). An existing PATH.npy
